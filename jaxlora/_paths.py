@@ -1,0 +1,75 @@
+"""Pytree paths as "/"-joined strings, the names that config patterns match against."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import jax
+
+PyTree = Any
+
+
+def key_name(key: Any) -> str:
+    """The plain name of one key in a jax key path (dict key, attribute or index)."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def path_str(keypath: tuple) -> str:
+    """`Dense_0/kernel` for a key path; NNX's trailing `.value` attribute is dropped."""
+    names = [key_name(k) for k in keypath]
+    if names and names[-1] == "value" and isinstance(keypath[-1], jax.tree_util.GetAttrKey):
+        names = names[:-1]
+    return "/".join(names)
+
+
+def leaves_with_paths(tree: PyTree, is_leaf: Callable[[Any], bool] | None = None) -> Iterator[tuple[str, Any]]:
+    """Yields `(path, leaf)` for every leaf of `tree`, None placeholders skipped."""
+    for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]:
+        yield path_str(keypath), leaf
+
+
+def map_with_paths(fn: Callable[[str, Any], Any], tree: PyTree) -> PyTree:
+    """`jax.tree.map` whose function also receives the leaf's path string."""
+    return jax.tree_util.tree_map_with_path(lambda kp, leaf: fn(path_str(kp), leaf), tree)
+
+
+def nested_set(tree: dict, path: str, value: Any) -> None:
+    """Stores `value` under `path` in nested dicts, creating the levels it needs."""
+    *parents, last = path.split("/")
+    for name in parents:
+        tree = tree.setdefault(name, {})
+    tree[last] = value
+
+
+def flatten_adapters(adapters: Mapping) -> dict[str, dict[str, Any]]:
+    """`{"Dense_0/kernel": {"lora_a": A, "lora_b": B}}` from the nested adapter dicts."""
+    flat: dict[str, dict[str, Any]] = {}
+
+    def walk(node: Mapping, prefix: str) -> None:
+        if "lora_a" in node or "lora_b" in node:
+            if set(node) != {"lora_a", "lora_b"}:
+                raise ValueError(f"adapter at {prefix!r} must hold exactly 'lora_a' and 'lora_b', got {sorted(node)}")
+            flat[prefix] = dict(node)
+            return
+        for name, child in node.items():
+            if not isinstance(child, Mapping):
+                raise ValueError(
+                    f"adapters must be nested dicts ending in {{'lora_a', 'lora_b'}}; "
+                    f"found a {type(child).__name__} at {prefix + '/' + str(name) if prefix else name!r}"
+                )
+            walk(child, f"{prefix}/{name}" if prefix else str(name))
+
+    walk(adapters, "")
+    return flat
+
+
+def unflatten_adapters(flat: Mapping[str, Mapping[str, Any]]) -> dict:
+    """The nested adapter dicts from a `{path: {"lora_a": A, "lora_b": B}}` mapping."""
+    nested: dict = {}
+    for path, pair in flat.items():
+        nested_set(nested, path, dict(pair))
+    return nested

@@ -1,0 +1,139 @@
+"""The LoRA configuration: a frozen, JSON-serialisable description of what to adapt and how."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+# Every leaf named `kernel` (Dense, DenseGeneral, Einsum, Conv kernels), at any depth.
+ALL_KERNELS = r"(.*/)?kernel"
+# Every leaf named `embedding` (flax Embed tables).
+ALL_EMBEDDINGS = r"(.*/)?embedding"
+
+InitKind = Literal["kaiming", "gaussian", "pissa"]
+_INITS = ("kaiming", "gaussian", "pissa")
+
+
+def _as_tuple(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def _check_regexes(field: str, patterns: tuple[str, ...]) -> None:
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"LoraConfig.{field}: {pattern!r} is not a valid regular expression ({err})") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """What to adapt (regexes over "/"-joined param paths, fully matched) and how.
+
+    `rank_pattern`, `alpha_pattern` and `fan_in_ndim` map a regex to a per-path value; the first
+    matching pattern wins. `predicate(path, leaf)` further filters the targets and is not serialised.
+    """
+
+    rank: int = 8
+    alpha: float = 8.0
+    targets: tuple[str, ...] = (ALL_KERNELS,)
+    exclude: tuple[str, ...] = ()
+    init: InitKind = "kaiming"
+    init_std: float | None = None
+    use_rslora: bool = False
+    rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    dropout: float = 0.0
+    modules_to_save: tuple[str, ...] = ()
+    fan_in_ndim: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    predicate: Callable[[str, Any], bool] | None = dataclasses.field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        for field in ("targets", "exclude", "modules_to_save"):
+            object.__setattr__(self, field, _as_tuple(getattr(self, field)))
+        for field in ("rank_pattern", "alpha_pattern", "fan_in_ndim"):
+            object.__setattr__(self, field, dict(getattr(self, field)))
+        if not self.targets and self.predicate is None:
+            raise ValueError("LoraConfig.targets is empty: give at least one regex, e.g. jaxlora.ALL_KERNELS")
+        for field in ("targets", "exclude", "modules_to_save"):
+            _check_regexes(field, getattr(self, field))
+        for field in ("rank_pattern", "alpha_pattern", "fan_in_ndim"):
+            _check_regexes(field, tuple(getattr(self, field)))
+        _check_rank("rank", self.rank)
+        _check_alpha("alpha", self.alpha)
+        for pattern, rank in self.rank_pattern.items():
+            _check_rank(f"rank_pattern[{pattern!r}]", rank)
+        for pattern, alpha in self.alpha_pattern.items():
+            _check_alpha(f"alpha_pattern[{pattern!r}]", alpha)
+        for pattern, ndim in self.fan_in_ndim.items():
+            if not isinstance(ndim, int) or ndim < 1:
+                raise ValueError(f"LoraConfig.fan_in_ndim[{pattern!r}] must be an int >= 1, got {ndim!r}")
+        if self.init not in _INITS:
+            raise ValueError(f"LoraConfig.init must be one of {_INITS}, got {self.init!r}")
+        if self.init_std is not None and not self.init_std > 0:
+            raise ValueError(f"LoraConfig.init_std must be > 0 (or None for 1/rank), got {self.init_std!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
+
+    def rank_for(self, path: str) -> int:
+        """The rank of the adapter at `path`: the first matching `rank_pattern`, else `rank`."""
+        return _first_match(self.rank_pattern, path, self.rank)
+
+    def alpha_for(self, path: str) -> float:
+        """The alpha of the adapter at `path`: the first matching `alpha_pattern`, else `alpha`."""
+        return _first_match(self.alpha_pattern, path, self.alpha)
+
+    def scale_for(self, path: str) -> float:
+        """The factor s in `W + s·A B`: alpha/r, or alpha/sqrt(r) with rsLoRA."""
+        rank = self.rank_for(path)
+        return self.alpha_for(path) / (math.sqrt(rank) if self.use_rslora else rank)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict; the predicate, a Python callable, cannot be saved and is refused."""
+        if self.predicate is not None:
+            raise ValueError(
+                "LoraConfig.predicate is a Python callable and cannot be serialised; "
+                "express the selection with `targets`/`exclude` regexes to save this config"
+            )
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "predicate"}
+        for field in ("targets", "exclude", "modules_to_save"):
+            out[field] = list(out[field])
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LoraConfig:
+        """Inverse of `to_dict`; keys written by a newer jaxlora are ignored with a warning."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"predicate"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            warnings.warn(f"LoraConfig: ignoring unknown keys {unknown} (written by a newer jaxlora?)", stacklevel=2)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> LoraConfig:
+        return cls.from_dict(json.loads(text))
+
+
+def _first_match(patterns: Mapping[str, Any], path: str, default: Any) -> Any:
+    for pattern, value in patterns.items():
+        if re.fullmatch(pattern, path):
+            return value
+    return default
+
+
+def _check_rank(name: str, rank: Any) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"LoraConfig.{name} must be a positive int, got {rank!r}")
+
+
+def _check_alpha(name: str, alpha: Any) -> None:
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha > 0 or not math.isfinite(alpha):
+        raise ValueError(f"LoraConfig.{name} must be a finite number > 0, got {alpha!r}")

@@ -1,0 +1,70 @@
+"""Adapter initialisation: A random (Kaiming-uniform or Gaussian) and B zero, or PiSSA from W's SVD."""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import jax
+import jax.numpy as jnp
+
+from jaxlora._paths import PyTree, map_with_paths, unflatten_adapters
+from jaxlora.config import LoraConfig
+from jaxlora.plan import LeafPlan, plan
+
+
+def leaf_key(key: jax.Array, path: str) -> jax.Array:
+    """A key for one leaf that depends only on `key` and the path, not on the other leaves."""
+    return jax.random.fold_in(key, zlib.crc32(path.encode()))
+
+
+def adapter_dtype(weight_dtype) -> jnp.dtype:
+    """Adapters are float32 at least, so that a bf16 base still trains its adapters in float32."""
+    return jnp.promote_types(weight_dtype, jnp.float32)
+
+
+def _random_pair(key: jax.Array, leaf: LeafPlan, config: LoraConfig) -> dict[str, jax.Array]:
+    dtype = adapter_dtype(leaf.dtype)
+    if config.init == "kaiming":
+        # Kaiming-uniform with a=sqrt(5) over fan_in, PEFT's default: bound = 1/sqrt(fan_in).
+        bound = 1.0 / math.sqrt(leaf.fan_in)
+        a = jax.random.uniform(key, leaf.a_shape, dtype, -bound, bound)
+    else:
+        std = config.init_std if config.init_std is not None else 1.0 / leaf.rank
+        a = std * jax.random.normal(key, leaf.a_shape, dtype)
+    return {"lora_a": a, "lora_b": jnp.zeros(leaf.b_shape, dtype)}
+
+
+def _pissa_pair(weight: jax.Array, leaf: LeafPlan) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """A, B from W's top-r singular triplets (s·A B = U_r S_r V_rᵀ), and the residual base W - s·A B."""
+    dtype = adapter_dtype(leaf.dtype)
+    w = jnp.asarray(weight, jnp.float32).reshape(leaf.fan_in, leaf.fan_out)
+    u, s, vt = jnp.linalg.svd(w, full_matrices=False)
+    root = jnp.sqrt(s[: leaf.rank] / leaf.scale)
+    a = u[:, : leaf.rank] * root
+    b = root[:, None] * vt[: leaf.rank]
+    residual = (w - leaf.scale * (a @ b)).reshape(leaf.shape).astype(weight.dtype)
+    pair = {"lora_a": a.reshape(leaf.a_shape).astype(dtype), "lora_b": b.reshape(leaf.b_shape).astype(dtype)}
+    return residual, pair
+
+
+def init(key: jax.Array, params: PyTree, config: LoraConfig) -> tuple[PyTree, dict]:
+    """Creates adapters for the leaves `config` selects; returns `(params, adapters)`.
+
+    `params` comes back unchanged (the same object) except with `init="pissa"`, where the adapted
+    leaves become the residual `W - s·A B` so that the adapted model still equals the base model.
+    """
+    resolved = plan(params, config)
+    if config.init != "pissa":
+        pairs = {path: _random_pair(leaf_key(key, path), leaf, config) for path, leaf in resolved.leaves.items()}
+        return params, unflatten_adapters(pairs)
+    pairs = {}
+
+    def residual(path: str, weight):
+        if path not in resolved.leaves:
+            return weight
+        weight, pairs[path] = _pissa_pair(weight, resolved.leaves[path])
+        return weight
+
+    params = map_with_paths(residual, params)
+    return params, unflatten_adapters(pairs)

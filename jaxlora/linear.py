@@ -1,0 +1,77 @@
+"""A dense layer with an optional low-rank adapter, whose backward pass is written out by hand.
+
+y = x W + bias + s·(x' A) B, with x' the (dropped-out) LoRA input. The hand-written VJP computes
+only the cotangents that are asked for (never dW for a frozen W) and puts an optimisation barrier
+on the incoming cotangent, which keeps XLA:CPU from fusing element-wise producers into the GEMM
+operands: plain autodiff through the same dots ran about 2.5x slower on CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x (..., in) @ w (in, out), the contraction flax's Dense performs."""
+    return lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def _matmul_t(g: jax.Array, w: jax.Array) -> jax.Array:
+    """g (..., out) @ w (in, out)ᵀ without materialising the transpose."""
+    return lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())))
+
+
+def _outer(x: jax.Array, g: jax.Array) -> jax.Array:
+    """xᵀ g summed over every leading (batch) axis: (..., m), (..., n) -> (m, n)."""
+    batch = tuple(range(x.ndim - 1))
+    return lax.dot_general(x, g, ((batch, batch), ((), ())))
+
+
+def _forward(x, x_lora, w, bias, a, b, scale):
+    y = _matmul(x, w)
+    if bias is not None:
+        y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+    if a is None:
+        return y, None
+    xa = _matmul(x_lora, a)
+    return y + (scale * _matmul(xa, b)).astype(y.dtype), xa
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def lora_linear(x, x_lora, w, bias, a, b, scale: float):
+    """`x W + bias + scale·(x_lora A) B`; `bias`, `a` and `b` may be None (a plain dense layer)."""
+    return _forward(x, x_lora, w, bias, a, b, scale)[0]
+
+
+def _fwd(x, x_lora, w, bias, a, b, scale):
+    values = [p.value for p in (x, x_lora, w, bias, a, b)]
+    y, xa = _forward(*values, scale)
+    perturbed = tuple(p.perturbed for p in (x, x_lora, w, bias, a, b))
+    return y, (values, xa, perturbed)
+
+
+def _bwd(scale, residuals, g):
+    (x, x_lora, w, bias, a, b), xa, perturbed = residuals
+    want_x, want_xl, want_w, want_bias, want_a, want_b = perturbed
+    g = lax.optimization_barrier(g)
+    dx = _matmul_t(g, w).astype(x.dtype) if want_x else None
+    dw = _outer(x, g).astype(w.dtype) if want_w else None
+    dbias = jnp.sum(g, axis=tuple(range(g.ndim - 1))).astype(bias.dtype) if want_bias else None
+    dxl = da = db = None
+    if a is not None and (want_xl or want_a or want_b):
+        gs = (scale * g).astype(b.dtype)
+        gb = _matmul_t(gs, b)  # (..., r)
+        if want_xl:
+            dxl = _matmul_t(gb, a).astype(x_lora.dtype)
+        if want_a:
+            da = _outer(x_lora.astype(a.dtype), gb)
+        if want_b:
+            db = _outer(xa, gs)
+    return dx, dxl, dw, dbias, da, db
+
+
+lora_linear.defvjp(_fwd, _bwd, symbolic_zeros=True)

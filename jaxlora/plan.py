@@ -1,0 +1,232 @@
+"""Resolving a config against a parameter tree: which leaves get adapters, of what shape and scale."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlora._paths import PyTree, flatten_adapters, leaves_with_paths
+from jaxlora.config import LoraConfig, _first_match
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafPlan:
+    """One adapted leaf: W of `shape` viewed as (fan_in, fan_out) by its first `fan_in_ndim` axes."""
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: Any
+    fan_in_ndim: int
+    rank: int
+    alpha: float
+    scale: float
+
+    @property
+    def fan_in(self) -> int:
+        return math.prod(self.shape[: self.fan_in_ndim])
+
+    @property
+    def fan_out(self) -> int:
+        return math.prod(self.shape[self.fan_in_ndim :])
+
+    @property
+    def a_shape(self) -> tuple[int, ...]:
+        return (*self.shape[: self.fan_in_ndim], self.rank)
+
+    @property
+    def b_shape(self) -> tuple[int, ...]:
+        return (self.rank, *self.shape[self.fan_in_ndim :])
+
+    @property
+    def num_lora_params(self) -> int:
+        return self.rank * (self.fan_in + self.fan_out)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The resolved selection: adapted leaves, leaves trained in full, and every leaf's shape."""
+
+    leaves: dict[str, LeafPlan]
+    saved: tuple[str, ...]
+    shapes: dict[str, tuple[int, ...]]
+
+    @property
+    def num_original(self) -> int:
+        return sum(math.prod(s) for s in self.shapes.values())
+
+    @property
+    def num_lora(self) -> int:
+        return sum(leaf.num_lora_params for leaf in self.leaves.values())
+
+    @property
+    def num_saved(self) -> int:
+        return sum(math.prod(self.shapes[p]) for p in self.saved)
+
+    @property
+    def num_trainable(self) -> int:
+        return self.num_lora + self.num_saved
+
+    def check_adapters(self, adapters: Mapping) -> dict[str, dict[str, Any]]:
+        """Flat `{path: {"lora_a", "lora_b"}}` after checking the adapters fit this plan exactly."""
+        flat = flatten_adapters(adapters)
+        missing = sorted(set(self.leaves) - set(flat))
+        extra = sorted(set(flat) - set(self.leaves))
+        if missing or extra:
+            raise ValueError(
+                "adapters do not fit the params and config: "
+                + (f"missing adapters for {missing}; " if missing else "")
+                + (f"adapters for leaves the config does not target: {extra}; " if extra else "")
+                + "create them with jaxlora.init(key, params, config) using this same config"
+            )
+        for path, pair in flat.items():
+            leaf = self.leaves[path]
+            for name, want in (("lora_a", leaf.a_shape), ("lora_b", leaf.b_shape)):
+                got = tuple(np.shape(pair[name]))
+                if got != want:
+                    raise ValueError(
+                        f"adapter {path}/{name} has shape {got}, but the config gives {want} "
+                        f"(rank {leaf.rank} for W {leaf.shape}); were these adapters made with another config?"
+                    )
+        return flat
+
+    def table(self) -> str:
+        """Per-layer W, bias, A and B shapes and the parameter totals, as users print them."""
+        rows = [("layer", "W", "bias", "lora A", "lora B", "LoRA params")]
+        for path, leaf in self.leaves.items():
+            layer = path.rpartition("/")[0] or path
+            bias = self.shapes.get(f"{layer}/bias")
+            rows.append(
+                (
+                    layer,
+                    _shape(leaf.shape),
+                    _shape(bias) if bias is not None else "-",
+                    _shape(leaf.a_shape),
+                    _shape(leaf.b_shape),
+                    f"{leaf.num_lora_params:,}",
+                )
+            )
+        for path in self.saved:
+            rows.append(
+                (path, _shape(self.shapes[path]), "", "trained in full", "", f"{math.prod(self.shapes[path]):,}")
+            )
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        original, lora = self.num_original, self.num_lora
+        lines += [
+            "",
+            f"original parameters:        {original:>14,}",
+            f"original + LoRA parameters: {original + lora:>14,}",
+            f"LoRA parameters:            {lora:>14,}  ({100 * lora / original:.3f}% of original)",
+        ]
+        if self.saved:
+            lines.append(f"trained in full:            {self.num_saved:>14,}")
+            lines.append(
+                f"trainable in all:           {self.num_trainable:>14,}  ({100 * self.num_trainable / original:.3f}%)"
+            )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ")"
+
+
+def _unmatched(patterns: tuple[str, ...] | Mapping[str, Any], paths: list[str]) -> list[str]:
+    return [p for p in patterns if not any(re.fullmatch(p, path) for path in paths)]
+
+
+def plan(params: PyTree, config: LoraConfig) -> Plan:
+    """Resolves `config` against `params` (arrays or `jax.ShapeDtypeStruct`s); never allocates.
+
+    Raises ValueError, naming the path and the fix, for patterns that match nothing, leaves that
+    cannot carry an adapter, and ranks that do not fit.
+    """
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, Any] = {}
+    leaves: dict[str, Any] = {}
+    for path, leaf in leaves_with_paths(params):
+        shapes[path] = tuple(np.shape(leaf))
+        dtype = getattr(leaf, "dtype", None)
+        dtypes[path] = dtype if dtype is not None else np.result_type(leaf)
+        leaves[path] = leaf
+    paths = list(shapes)
+    if not paths:
+        raise ValueError("params has no array leaves; pass the model's parameter tree (e.g. variables['params'])")
+
+    for field in ("targets", "modules_to_save"):
+        bad = _unmatched(getattr(config, field), paths)
+        if bad:
+            raise ValueError(_no_match_message(field, bad, paths))
+    targeted = [p for p in paths if any(re.fullmatch(t, p) for t in config.targets)]
+    bad = _unmatched(config.exclude, targeted)
+    if bad:
+        raise ValueError(_no_match_message("exclude", bad, targeted))
+    targeted = [p for p in targeted if not any(re.fullmatch(e, p) for e in config.exclude)]
+    if config.predicate is not None:
+        targeted = [p for p in targeted if config.predicate(p, leaves[p])]
+    if not targeted:
+        raise ValueError("LoraConfig selects no leaf: every target is excluded or refused by the predicate")
+    for field in ("rank_pattern", "alpha_pattern", "fan_in_ndim"):
+        bad = _unmatched(getattr(config, field), targeted)
+        if bad:
+            raise ValueError(_no_match_message(field, bad, targeted))
+
+    saved = tuple(p for p in paths if any(re.fullmatch(m, p) for m in config.modules_to_save))
+    both = sorted(set(saved) & set(targeted))
+    if both:
+        raise ValueError(
+            f"{both} are both LoRA targets and modules_to_save; a leaf is either adapted or trained in full: "
+            "narrow `targets` or add them to `exclude`"
+        )
+
+    planned = {}
+    for path in targeted:
+        shape, dtype = shapes[path], dtypes[path]
+        if len(shape) < 2 or not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(
+                f"LoRA target {path!r} is a {dtype} array of shape {shape}; adapters need a floating-point "
+                "array of rank >= 2: narrow `targets` or add it to `exclude`"
+            )
+        fan_in_ndim = _first_match(config.fan_in_ndim, path, len(shape) - 1)
+        if fan_in_ndim >= len(shape):
+            raise ValueError(
+                f"fan_in_ndim={fan_in_ndim} for {path!r} of shape {shape} leaves no output axis; use 1..{len(shape) - 1}"
+            )
+        entry = LeafPlan(
+            path=path,
+            shape=shape,
+            dtype=np.dtype(dtype),
+            fan_in_ndim=fan_in_ndim,
+            rank=config.rank_for(path),
+            alpha=float(config.alpha_for(path)),
+            scale=config.scale_for(path),
+        )
+        if entry.rank > min(entry.fan_in, entry.fan_out):
+            raise ValueError(
+                f"rank {entry.rank} for {path!r} exceeds min(fan_in, fan_out) = {min(entry.fan_in, entry.fan_out)} "
+                f"of W {shape}; a LoRA update cannot have a higher rank than W: lower `rank` or set `rank_pattern`"
+            )
+        planned[path] = entry
+    return Plan(leaves=planned, saved=saved, shapes=shapes)
+
+
+def summary(params: PyTree, config: LoraConfig) -> str:
+    """The dry-run table for `config` over `params`, without creating any adapter."""
+    return plan(params, config).table()
+
+
+def _no_match_message(field: str, bad: list[str], paths: list[str]) -> str:
+    shown = ", ".join(paths[:8]) + (", ..." if len(paths) > 8 else "")
+    return (
+        f'LoraConfig.{field}: {bad} match no parameter path (patterns must fully match "/"-joined paths '
+        f"such as {shown}); fix or remove them"
+    )
