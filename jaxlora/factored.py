@@ -139,11 +139,11 @@ class _Interceptor:
         leaf = "embedding" if isinstance(module, nn.Embed) else "kernel"
         path = _module_path(module, leaf)
         adapter = self.adapters.get(path)
-        if isinstance(module, nn.Dense) and method == "__call__" and len(args) == 1 and not kwargs:
-            if _plain_dense(module) and (adapter is not None or self.fast_dense):
-                if adapter is not None:
-                    self.served.add(path)
-                return _dense(module, args[0], adapter)
+        plain_call = method == "__call__" and len(args) == 1 and not kwargs
+        if plain_call and isinstance(module, nn.Dense) and _plain_dense(module) and (adapter or self.fast_dense):
+            if adapter is not None:
+                self.served.add(path)
+            return _dense(module, args[0], adapter)
         if adapter is None or not args:
             return next_fun(*args, **kwargs)
         base = next_fun(*args, **kwargs)

@@ -48,9 +48,10 @@ def lora_linear(x, x_lora, w, bias, a, b, scale: float):
 
 
 def _fwd(x, x_lora, w, bias, a, b, scale):
-    values = [p.value for p in (x, x_lora, w, bias, a, b)]
+    primals = (x, x_lora, w, bias, a, b)  # None stays None: an absent bias or adapter
+    values = [None if p is None else p.value for p in primals]
     y, xa = _forward(*values, scale)
-    perturbed = tuple(p.perturbed for p in (x, x_lora, w, bias, a, b))
+    perturbed = tuple(p is not None and p.perturbed for p in primals)
     return y, (values, xa, perturbed)
 
 

@@ -199,7 +199,8 @@ def plan(params: PyTree, config: LoraConfig) -> Plan:
         fan_in_ndim = _first_match(config.fan_in_ndim, path, len(shape) - 1)
         if fan_in_ndim >= len(shape):
             raise ValueError(
-                f"fan_in_ndim={fan_in_ndim} for {path!r} of shape {shape} leaves no output axis; use 1..{len(shape) - 1}"
+                f"fan_in_ndim={fan_in_ndim} for {path!r} of shape {shape} leaves no output axis; "
+                f"use 1..{len(shape) - 1}"
             )
         entry = LeafPlan(
             path=path,

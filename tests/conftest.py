@@ -1,0 +1,21 @@
+"""Shared test helpers: where the real data lives, and whether its absence is a skip or a failure."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("JAXLORA_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def require_data(path: Path, what: str) -> Path:
+    """`path` if it exists; otherwise skip the test, or fail it under CI (CI=true) where data must be present."""
+    if path.exists():
+        return path
+    message = f"{what} not found at {path}"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message + " (CI=true: the data must be present in CI)")
+    pytest.skip(message)

@@ -1,0 +1,118 @@
+"""Property-based checks over random shapes, ranks, dtypes and tree structures."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from models import MLP
+
+import jaxlora
+
+SETTINGS = settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def mlp_cases(draw):
+    sizes = st.sampled_from([2, 3, 8, 17])  # few distinct sizes, so compiled kernels are reused across examples
+    widths = draw(st.lists(sizes, min_size=1, max_size=3))
+    in_dim = draw(sizes)
+    dims = [in_dim, *widths]
+    max_rank = min(min(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True))
+    rank = draw(st.integers(1, max_rank))
+    alpha = draw(st.floats(0.25, 32.0))
+    rslora = draw(st.booleans())
+    batch = draw(st.sampled_from([(1,), (4,), (2, 3)]))
+    seed = draw(st.integers(0, 2**16))
+    return widths, in_dim, rank, alpha, rslora, batch, seed
+
+
+def _build(case, dtype=jnp.float32):
+    widths, in_dim, rank, alpha, rslora, batch, seed = case
+    model = MLP(tuple(widths), dtype=dtype)
+    keys = jax.random.split(jax.random.key(seed), 4)
+    x = jax.random.normal(keys[0], (*batch, in_dim), dtype)
+    params = model.init(keys[1], x)["params"]
+    params = jax.tree.map(lambda p: p.astype(dtype), params)
+    config = jaxlora.LoraConfig(rank=rank, alpha=alpha, use_rslora=rslora)
+    _, adapters = jaxlora.init(keys[2], params, config)
+    return model, x, params, config, adapters, keys[3]
+
+
+@SETTINGS
+@given(mlp_cases(), st.sampled_from([jnp.float32, jnp.bfloat16]))
+def test_zero_b_gives_exactly_the_base_output(case, dtype):
+    model, x, params, config, adapters, _ = _build(case, dtype)
+    out = jax.jit(lambda p, a, x: jaxlora.apply(model, {"params": p}, a, config, x))(params, adapters, x)
+    base = jax.jit(model.apply)({"params": params}, x)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(base, np.float32))
+
+
+@SETTINGS
+@given(mlp_cases())
+def test_factored_equals_merged(case):
+    model, x, params, config, adapters, key = _build(case)
+    leaves, tree = jax.tree.flatten(adapters)
+    keys = jax.random.split(key, len(leaves))
+    adapters = jax.tree.unflatten(tree, [jax.random.normal(k, a.shape) / 4 for k, a in zip(keys, leaves, strict=True)])
+    factored = jax.jit(lambda p, a, x: jaxlora.apply(model, {"params": p}, a, config, x))(params, adapters, x)
+    merged = jax.jit(lambda p, a, x: model.apply({"params": jaxlora.merge(p, a, config)}, x))(params, adapters, x)
+    scale = float(jnp.abs(merged).max()) + 1.0
+    np.testing.assert_allclose(factored, merged, rtol=1e-5, atol=1e-5 * scale)
+
+
+@st.composite
+def param_trees(draw):
+    """Nested dicts of kernels and biases under random group names, in a random float dtype."""
+    dtype = draw(st.sampled_from([jnp.float32, jnp.bfloat16, jnp.float16]))
+    n_layers = draw(st.integers(1, 4))
+    tree = {}
+    for i in range(n_layers):
+        shape = tuple(draw(st.lists(st.sampled_from([1, 2, 5, 9]), min_size=2, max_size=4)))
+        group = tree.setdefault(draw(st.sampled_from(["enc", "dec", "block"])), {})
+        group[f"layer{i}"] = {"kernel": shape, "bias": (shape[-1],)}
+    seed = draw(st.integers(0, 2**16))
+    leaves, struct = jax.tree.flatten(tree, is_leaf=lambda x: isinstance(x, tuple))
+    rng = np.random.default_rng(seed)
+    arrays = [jnp.asarray(rng.standard_normal(s), dtype) for s in leaves]
+    return jax.tree.unflatten(struct, arrays), seed
+
+
+@SETTINGS
+@given(param_trees(), st.integers(1, 3))
+def test_unmerge_inverts_merge_and_leaves_the_input_untouched(tree_and_seed, rank):
+    params, seed = tree_and_seed
+    fits = lambda path, leaf: rank <= min(int(np.prod(leaf.shape[:-1])), leaf.shape[-1])
+    config = jaxlora.LoraConfig(rank=rank, alpha=2.0, predicate=fits)
+    if not any(fits(p, leaf) for p, leaf in _kernels(params)):
+        return
+    _, adapters = jaxlora.init(jax.random.key(seed), params, config)
+    adapters = jax.tree.map(lambda a: a + 0.1, adapters)
+    snapshot = jax.tree.map(np.array, params)
+    merged = jaxlora.merge(params, adapters, config)
+    restored = jaxlora.unmerge(merged, adapters, config)
+    jax.tree.map(np.testing.assert_array_equal, params, snapshot)  # inputs are never mutated
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(params), strict=True):
+        assert a.dtype == b.dtype
+        tol = {jnp.float32: 1e-5, jnp.float16: 2e-2, jnp.bfloat16: 1e-1}[b.dtype.type]
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol * 4)
+
+
+def _kernels(params):
+    return [(p, leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0] if leaf.ndim >= 2]
+
+
+@SETTINGS
+@given(param_trees())
+def test_labels_cover_every_leaf_and_only_adapters_and_saved_leaves_train(tree_and_seed):
+    params, seed = tree_and_seed
+    config = jaxlora.LoraConfig(rank=1, modules_to_save=(r".*/bias",))
+    _, adapters = jaxlora.init(jax.random.key(seed), params, config)
+    labels = jaxlora.labels({"params": params, "lora": adapters}, config)
+    flat = [(jax.tree_util.keystr(kp), label) for kp, label in jax.tree_util.tree_flatten_with_path(labels)[0]]
+    assert len(flat) == len(jax.tree.leaves(params)) + len(jax.tree.leaves(adapters))
+    for path, label in flat:
+        expected = "trainable" if path.startswith("['lora']") or path.endswith("['bias']") else "frozen"
+        assert label == expected, path
