@@ -30,7 +30,9 @@ def _zoo():
 def _randomize(adapters, seed=3):
     leaves, tree = jax.tree.flatten(adapters)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(tree, [0.3 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+    return jax.tree.unflatten(
+        tree, [0.3 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)]
+    )
 
 
 def test_every_layer_kind_is_served_factored_and_matches_merged():
@@ -62,7 +64,7 @@ def test_unservable_adapter_is_reported_and_merged_or_refused_when_strict():
         out = jaxlora.apply(model, {"params": params}, adapters, config, tokens)
     merged = jaxlora.apply(model, {"params": params}, adapters, config, tokens, mode="merged")
     np.testing.assert_allclose(out, merged, rtol=1e-6, atol=1e-6)
-    with pytest.raises(ValueError, match="heads/kernel.*use mode='merged'"):
+    with pytest.raises(ValueError, match=r"heads/kernel.*use mode='merged'"):
         jaxlora.apply(model, {"params": params}, adapters, config, tokens, strict=True)
 
 

@@ -97,7 +97,7 @@ def test_config_that_does_not_fit_the_params_names_the_path_and_the_fix(kwargs, 
 
 def test_integer_leaf_targets_are_refused():
     params = {"table": jnp.zeros((4, 4), jnp.int32)}
-    with pytest.raises(ValueError, match="'table' is a int32 array.*floating-point"):
+    with pytest.raises(ValueError, match=r"'table' is a int32 array.*floating-point"):
         jaxlora.plan(params, jaxlora.LoraConfig(rank=1, targets=("table",)))
 
 

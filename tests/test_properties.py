@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,7 +22,7 @@ def mlp_cases(draw):
     widths = draw(st.lists(sizes, min_size=1, max_size=3))
     in_dim = draw(sizes)
     dims = [in_dim, *widths]
-    max_rank = min(min(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True))
+    max_rank = min(min(a, b) for a, b in itertools.pairwise(dims))
     rank = draw(st.integers(1, max_rank))
     alpha = draw(st.floats(0.25, 32.0))
     rslora = draw(st.booleans())

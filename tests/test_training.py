@@ -62,7 +62,7 @@ def test_factored_step_needs_less_scratch_memory_than_one_frozen_kernel():
 
 
 def test_optimizer_state_holds_only_trainable_leaves():
-    _, (trainable, _, opt_state, _, _) = _setup("factored")
+    _, (_, _, opt_state, _, _) = _setup("factored")
     assert jaxlora.count_params(opt_state) == 2 * 6_794 + 1  # Adam's mu and nu for the adapters, and its step count
 
 
