@@ -54,6 +54,13 @@ def _module_path(module: nn.Module, leaf: str) -> str:
     return "/".join((*module.path, leaf))
 
 
+def _holds(module: nn.Module, leaf: str, shape: tuple[int, ...]) -> bool:
+    """True if the module's own `leaf` param has the shape the adapter was planned for."""
+    if not module.has_variable("params", leaf):
+        return False
+    return tuple(module.get_variable("params", leaf).shape) == shape
+
+
 def _plain_dense(module: nn.Dense) -> bool:
     """True for an nn.Dense whose arithmetic `lora_linear` reproduces exactly."""
     return (
@@ -139,6 +146,8 @@ class _Interceptor:
         leaf = "embedding" if isinstance(module, nn.Embed) else "kernel"
         path = _module_path(module, leaf)
         adapter = self.adapters.get(path)
+        if adapter is not None and not _holds(module, leaf, adapter.leaf.shape):
+            adapter = None  # e.g. a slice of a kernel stacked by nn.scan: left to the merge fallback
         plain_call = method == "__call__" and len(args) == 1 and not kwargs
         if plain_call and isinstance(module, nn.Dense) and _plain_dense(module) and (adapter or self.fast_dense):
             if adapter is not None:

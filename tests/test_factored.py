@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -129,3 +130,31 @@ def test_apply_jits_and_extra_collections_pass_through():
     np.testing.assert_array_equal(eager, jitted)
     with pytest.raises(ValueError, match="'params' collection"):
         jaxlora.apply(model, params, adapters, config, x)
+
+
+class _Stacked(nn.Module):
+    """Three Dense layers run by nn.scan: one kernel of shape (3, 6, 6), sliced per step."""
+
+    @nn.compact
+    def __call__(self, x):
+        layers = nn.scan(_Layer, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+        return layers(name="layers")(x, None)[0]
+
+
+class _Layer(nn.Module):
+    @nn.compact
+    def __call__(self, carry, _):
+        return nn.tanh(nn.Dense(6, name="dense")(carry)), None
+
+
+def test_kernels_stacked_by_scan_fall_back_to_merging_instead_of_failing():
+    model = _Stacked()
+    x = jax.random.normal(jax.random.key(0), (2, 6))
+    params = model.init(jax.random.key(1), x)["params"]
+    config = jaxlora.LoraConfig(rank=2, alpha=2.0)
+    _, adapters = jaxlora.init(jax.random.key(2), params, config)
+    adapters = _randomize(adapters)
+    with pytest.warns(UserWarning, match="not consumed"):
+        out = jaxlora.apply(model, {"params": params}, adapters, config, x)
+    merged = jaxlora.apply(model, {"params": params}, adapters, config, x, mode="merged")
+    np.testing.assert_allclose(out, merged, rtol=1e-6, atol=1e-6)
