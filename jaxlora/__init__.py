@@ -1,5 +1,6 @@
 """jaxlora: LoRA as a pure transform over Flax parameter pytrees."""
 
+from jaxlora import analysis, checkpoint, name_maps, peft
 from jaxlora.config import ALL_EMBEDDINGS, ALL_KERNELS, LoraConfig
 from jaxlora.factored import apply
 from jaxlora.init import init
@@ -18,14 +19,18 @@ __all__ = [
     "Plan",
     "adapter_shardings",
     "adapter_specs",
+    "analysis",
     "apply",
+    "checkpoint",
     "combine",
     "count_params",
     "init",
     "labels",
     "merge",
+    "name_maps",
     "optimizer",
     "partition",
+    "peft",
     "plan",
     "summary",
     "unmerge",

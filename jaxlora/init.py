@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlora._paths import PyTree, map_with_paths, unflatten_adapters
+from jaxlora.analysis import top_singular
 from jaxlora.config import LoraConfig
 from jaxlora.plan import LeafPlan, plan
 
@@ -39,10 +40,10 @@ def _pissa_pair(weight: jax.Array, leaf: LeafPlan) -> tuple[jax.Array, dict[str,
     """A, B from W's top-r singular triplets (s·A B = U_r S_r V_rᵀ), and the residual base W - s·A B."""
     dtype = adapter_dtype(leaf.dtype)
     w = jnp.asarray(weight, jnp.float32).reshape(leaf.fan_in, leaf.fan_out)
-    u, s, vt = jnp.linalg.svd(w, full_matrices=False)
-    root = jnp.sqrt(s[: leaf.rank] / leaf.scale)
-    a = u[:, : leaf.rank] * root
-    b = root[:, None] * vt[: leaf.rank]
+    u, s, vt = top_singular(w, leaf.rank)
+    root = jnp.sqrt(s / leaf.scale)
+    a = u * root
+    b = root[:, None] * vt
     residual = (w - leaf.scale * (a @ b)).reshape(leaf.shape).astype(weight.dtype)
     pair = {"lora_a": a.reshape(leaf.a_shape).astype(dtype), "lora_b": b.reshape(leaf.b_shape).astype(dtype)}
     return residual, pair
