@@ -20,8 +20,14 @@ import numpy as np
 # linear: nn.Linear, weight = kernel viewed (fan_in, fan_out) and transposed to (out, in);
 # conv1d: Hugging Face Conv1D (GPT-2), weight = kernel as is (in, out);
 # conv: nn.Conv1d/2d/3d, weight (out, in, *window) from our (*window, in, out);
-# embedding: nn.Embedding, weight = embedding (num, dim); layernorm: weight = scale.
-LAYOUTS = ("linear", "conv1d", "conv", "embedding", "layernorm")
+# embedding: nn.Embedding, weight = embedding (num, dim); layernorm: weight = scale;
+# tied_embedding: an embedding whose table is also the output head (GPT-2's wte), stored like embedding.
+LAYOUTS = ("linear", "conv1d", "conv", "embedding", "tied_embedding", "layernorm")
+
+def _stored_as(layout: str) -> str:
+    """The layout whose storage rules `layout` follows (a tied embedding is stored as an embedding)."""
+    return "embedding" if layout == "tied_embedding" else layout
+
 
 _GENERIC_LAYOUT = {"kernel": "linear", "embedding": "embedding", "scale": "layernorm"}
 _TORCH_PARAM = {
@@ -74,6 +80,7 @@ def torch_module(module_path: str, leaf: str, name_map: NameMap = ()) -> tuple[s
 
 def torch_param(leaf: str, layout: str) -> str:
     """The torch parameter name ("weight" / "bias") that holds our `leaf` in a module of `layout`."""
+    layout = _stored_as(layout)
     if leaf == "bias":
         return "bias"
     name = _TORCH_PARAM.get((layout, leaf))
@@ -87,6 +94,7 @@ def torch_param(leaf: str, layout: str) -> str:
 
 def to_torch(value: Any, leaf: str, layout: str, fan_in_ndim: int | None = None) -> np.ndarray:
     """Our leaf value in the torch layout of `layout` (see LAYOUTS); `fan_in_ndim` only for n-D linear kernels."""
+    layout = _stored_as(layout)
     value = np.asarray(value)
     if leaf == "bias":
         return value.reshape(-1)
@@ -102,6 +110,7 @@ def to_torch(value: Any, leaf: str, layout: str, fan_in_ndim: int | None = None)
 
 def from_torch(value: Any, leaf: str, layout: str, shape: tuple[int, ...]) -> np.ndarray:
     """Inverse of `to_torch`: the torch tensor `value` back in our layout of `shape`; ValueError if it does not fit."""
+    layout = _stored_as(layout)
     value = np.asarray(value)
     want = _torch_shape(shape, leaf, layout)
     if tuple(value.shape) not in want:
@@ -116,6 +125,7 @@ def from_torch(value: Any, leaf: str, layout: str, shape: tuple[int, ...]) -> np
 
 def _torch_shape(shape: tuple[int, ...], leaf: str, layout: str) -> list[tuple[int, ...]]:
     """The torch shapes our `shape` may have in `layout` (an n-D linear kernel may split fan-in / fan-out anywhere)."""
+    layout = _stored_as(layout)
     if leaf == "bias":
         return [(math.prod(shape),)]
     if layout in ("conv1d", "embedding", "layernorm"):

@@ -74,6 +74,13 @@ def _lora_tensors(pair: Mapping[str, Any], layout: str, path: str) -> dict[str, 
     """PEFT's factor tensors for one adapted leaf: (r, in) / (out, r), flattening n-D fan-in / fan-out."""
     a, b = np.asarray(pair["lora_a"]), np.asarray(pair["lora_b"])
     rank = a.shape[-1]
+    if layout == "tied_embedding":
+        raise ValueError(
+            f"cannot export the LoRA adapter of {path!r} to PEFT: this table is tied to the output head, and "
+            "jaxlora adapts the lookup and the tied head together while PEFT's Embedding LoRA adapts only the "
+            "lookup, so PyTorch would compute another model; exclude it from the targets, or merge and share "
+            "the full weights"
+        )
     if layout == "embedding":
         if a.ndim != 2 or b.ndim != 2:
             raise ValueError(f"cannot export {path!r} as a torch Embedding: its table is not 2-D")
@@ -357,6 +364,12 @@ def load_peft(
             key = key.replace("A", "B") if "lora_b" in missing_factor else key
             raise ValueError(f"{weights_file} has no {PREFIX}{name}.{key}; the file is incomplete: export it again")
         leaf = "embedding" if kind == "embedding" else "kernel"
+        if layout == "tied_embedding":
+            raise ValueError(
+                f"{weights_file}: torch module {name!r} has an Embedding LoRA on a table tied to the output head; "
+                "PEFT adapts only its lookup, while jaxlora adapts the lookup and the tied head together, so "
+                "loading it would compute another model: train the adapter without this module"
+            )
         if leaf not in leaves or (kind == "embedding") != (layout == "embedding"):
             raise ValueError(
                 f"{weights_file}: torch module {name!r} holds {kind} LoRA weights, but our module {module_path!r} "

@@ -561,3 +561,19 @@ def test_loading_does_not_modify_the_given_params(mlp_adapter):
     params, _, _ = load_peft(directory, base)
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, base), before)
     assert params is not base
+
+
+def test_gpt2_tied_embedding_adapter_is_refused_both_ways(tmp_path, gpt2):
+    """jaxlora adapts wte's lookup and the tied LM head together; PEFT only the lookup: never exchange it."""
+    directory, _, base = gpt2
+    config = jaxlora.LoraConfig(rank=2, targets=(r"wte/embedding",))
+    _, adapters = jaxlora.init(jax.random.key(1), base, config)
+    with pytest.raises(ValueError, match=r"'wte/embedding'.*tied to the output head"):
+        save_peft(tmp_path / "out", base, adapters, config, name_map=gpt2_lib.PEFT_NAME_MAP)
+    assert not (tmp_path / "out").exists()
+
+    torch_model = transformers.GPT2LMHeadModel.from_pretrained(directory)
+    peft_model = peft.get_peft_model(torch_model, peft.LoraConfig(r=2, target_modules=["wte"]))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(ValueError, match=r"'transformer.wte' has an Embedding LoRA on a table tied to the output head"):
+        load_peft(tmp_path / "adapter", base, name_map=gpt2_lib.PEFT_NAME_MAP)
