@@ -24,6 +24,7 @@ import numpy as np
 # tied_embedding: an embedding whose table is also the output head (GPT-2's wte), stored like embedding.
 LAYOUTS = ("linear", "conv1d", "conv", "embedding", "tied_embedding", "layernorm")
 
+
 def _stored_as(layout: str) -> str:
     """The layout whose storage rules `layout` follows (a tied embedding is stored as an embedding)."""
     return "embedding" if layout == "tied_embedding" else layout
