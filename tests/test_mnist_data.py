@@ -1,0 +1,160 @@
+"""The MNIST loader: normalisation, shapes through tfds' mock data, the cache, and clear errors offline."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "examples"))
+import mnist_data
+
+tfds = pytest.importorskip("tensorflow_datasets")
+
+
+class _Records:
+    """A tfds-like data source over fixed examples (what `as_data_source` returns), for exact checks."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.images[i], "label": int(self.labels[i])}
+
+
+def _known_examples(n: int = 11) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(n, 28, 28, 1), dtype=np.uint8)
+    images[0] = 0  # the darkest and the brightest pixel values appear
+    images[1] = 255
+    return images, (np.arange(n) % 10).astype(np.int64)
+
+
+def test_normalise_values_and_shapes():
+    pixels = np.array([[[0, 255], [51, 102]]], dtype=np.uint8)  # (1, 2, 2)
+    got = mnist_data.normalise(pixels)
+    want = (np.array([[0, 255, 51, 102]], np.float64) / 255 - 0.1307) / 0.3081
+    assert got.dtype == np.float32 and got.shape == (1, 4)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_array_equal(mnist_data.normalise(pixels[..., None]), got)  # (n, h, w, 1) too
+    digits = mnist_data.normalise(np.full((2, 8, 8), 16), mean=0.5, std=0.25, scale=16.0)
+    np.testing.assert_allclose(digits, np.full((2, 64), 2.0))
+
+
+def test_normalise_rejects_bad_shapes():
+    with pytest.raises(ValueError, match=r"\(n, height, width\)"):
+        mnist_data.normalise(np.zeros((4, 784)))
+
+
+def _mock_getitems(*args, generator, serialized=False):
+    """tfds 4.9's mock installs `__getitems__` on a MagicMock instance, so it is called without `self`."""
+    return [generator[key] for key in args[-1]]
+
+
+def test_load_mnist_under_tfds_mock_data(tmp_path, monkeypatch):
+    from tensorflow_datasets.testing import mocking
+
+    monkeypatch.setattr(mocking, "_getitems", _mock_getitems)
+    with tfds.testing.mock_data(num_examples=12):
+        data = mnist_data.load_mnist(str(tmp_path), download=False)
+    for split in (data.train, data.test):
+        assert split.images.shape == (12, 784) and split.images.dtype == np.float32
+        assert split.labels.shape == (12,) and split.labels.dtype == np.int32
+        assert split.labels.min() >= 0 and split.labels.max() <= 9
+        pixels = (split.images * mnist_data.MNIST_STD + mnist_data.MNIST_MEAN) * 255  # undo the normalisation
+        np.testing.assert_allclose(pixels, np.round(pixels), atol=2e-3)
+        assert pixels.min() > -0.01 and pixels.max() < 255.01
+    assert data.image_shape == (28, 28) and data.num_classes == 10
+
+
+def test_load_mnist_values_are_exact(tmp_path):
+    images, labels = _known_examples()
+
+    def as_data_source(self, split, decoders=None, deserialize_method=None, **kwargs):
+        return _Records(images, labels)
+
+    with tfds.testing.mock_data(as_data_source_fn=as_data_source):
+        data = mnist_data.load_mnist(str(tmp_path), download=False)
+    want = (
+        (images[..., 0].reshape(len(images), -1) / np.float32(255) - np.float32(0.1307)) / np.float32(0.3081)
+    ).astype(np.float32)
+    np.testing.assert_array_equal(data.train.images, want)
+    np.testing.assert_array_equal(data.test.labels, labels.astype(np.int32))
+    assert data.train.images[0].min() == pytest.approx(-0.1307 / 0.3081, rel=1e-6)
+    assert data.train.images[1].max() == pytest.approx((1 - 0.1307) / 0.3081, rel=1e-6)
+
+
+def test_cache_is_written_and_reused(tmp_path, monkeypatch):
+    images, labels = _known_examples()
+
+    def as_data_source(self, split, decoders=None, deserialize_method=None, **kwargs):
+        return _Records(images, labels)
+
+    cache = tmp_path / "cache"
+    with tfds.testing.mock_data(as_data_source_fn=as_data_source):
+        first = mnist_data.read_mnist_split("train", str(tmp_path), cache)
+        assert (cache / f"mnist-3.0.1-train-{len(labels)}.npz").exists()
+
+        def no_decoding(*args, **kwargs):
+            raise AssertionError("the cached split was decoded again")
+
+        monkeypatch.setattr(mnist_data, "_read_all", no_decoding)
+        second = mnist_data.read_mnist_split("train", str(tmp_path), cache)
+    np.testing.assert_array_equal(first[0], second[0])
+    np.testing.assert_array_equal(first[1], second[1])
+    np.testing.assert_array_equal(first[0], images)
+
+
+def test_missing_mnist_without_download_says_how_to_get_it(tmp_path):
+    with pytest.raises(mnist_data.DataUnavailable) as info:
+        mnist_data.load_mnist(str(tmp_path), download=False)
+    message = str(info.value)
+    assert str(tmp_path) in message
+    assert "--dataset digits" in message and "TensorFlow" in message and "array_record" in message
+
+
+def test_failed_download_is_explained(tmp_path, monkeypatch):
+    def offline(self, *args, **kwargs):
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
+    with pytest.raises(mnist_data.DataUnavailable, match="no route to host") as info:
+        mnist_data.load_mnist(str(tmp_path), download=True, raw_dir=str(tmp_path / "raw"))
+    assert "TensorFlow" in str(info.value) and "--mnist-raw-dir" in str(info.value)
+
+
+def test_auto_falls_back_to_digits_in_one_line(tmp_path):
+    lines = []
+    data = mnist_data.load("auto", str(tmp_path), download=False, log=lines.append)
+    assert data.name == "digits"
+    assert len(lines) == 1 and "\n" not in lines[0] and "8x8 digits" in lines[0]
+    with pytest.raises(mnist_data.DataUnavailable):
+        mnist_data.load("mnist", str(tmp_path), download=False)
+    with pytest.raises(ValueError, match="'auto', 'mnist' or 'digits'"):
+        mnist_data.load("cifar")
+
+
+def test_digits_split_and_normalisation():
+    data = mnist_data.load_digits()
+    assert data.image_shape == (8, 8) and data.num_classes == 10
+    assert data.train.images.shape[1] == 64 and data.train.images.dtype == np.float32
+    assert len(data.train) + len(data.test) == 1797
+    assert len(data.test) == 360
+    assert set(np.unique(data.test.labels)) == set(range(10))  # stratified: every digit is tested
+    assert abs(float(data.train.images.mean())) < 1e-5
+    assert float(data.train.images.std()) == pytest.approx(1.0, rel=1e-4)
+
+
+def test_default_data_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+    assert mnist_data.default_data_dir() == str(tmp_path)
+    monkeypatch.delenv("TFDS_DATA_DIR")
+    monkeypatch.setattr(mnist_data, "SHARED_TFDS_DIR", tmp_path)
+    assert mnist_data.default_data_dir() is None
+    (tmp_path / "mnist").mkdir()
+    assert mnist_data.default_data_dir() == str(tmp_path)
