@@ -318,7 +318,15 @@ def _kill_during_second_save(tmp_path: Path, mode: str, in_progress) -> None:
 
 
 def _bytes_under(paths) -> int:
-    return sum(f.stat().st_size for p in paths for f in p.rglob("*") if f.is_file())
+    """Bytes in the files below `paths`, counting files that vanish while we look (orbax renames as it writes) as 0."""
+
+    def size(f) -> int:
+        try:
+            return f.stat().st_size if f.is_file() else 0
+        except FileNotFoundError:
+            return 0
+
+    return sum(size(f) for p in paths for f in p.rglob("*"))
 
 
 # Killed once more than 4 MB of the 96 MB second save are on disk: in the middle of writing its arrays.
