@@ -320,13 +320,14 @@ def _kill_during_second_save(tmp_path: Path, mode: str, in_progress) -> None:
 def _bytes_under(paths) -> int:
     """Bytes in the files below `paths`, counting files that vanish while we look (orbax renames as it writes) as 0."""
 
-    def size(f) -> int:
+    def size(path: str) -> int:
         try:
-            return f.stat().st_size if f.is_file() else 0
+            return os.stat(path).st_size
         except FileNotFoundError:
             return 0
 
-    return sum(size(f) for p in paths for f in p.rglob("*"))
+    # os.walk skips directories that disappear mid-walk, where Path.rglob may raise.
+    return sum(size(os.path.join(d, f)) for p in paths for d, _, files in os.walk(p) for f in files)
 
 
 # Killed once more than 4 MB of the 96 MB second save are on disk: in the middle of writing its arrays.
