@@ -1,0 +1,505 @@
+"""GPT-2 in flax.linen, with parameter names that mirror Hugging Face's ``GPT2Model``.
+
+Parameter tree (linen names a list of blocks ``h_0``, ``h_1``, ...; the torch names are ``h.0``, ``h.1``)::
+
+    wte/embedding                  (vocab, n_embd)      transformer.wte.weight
+    wpe/embedding                  (n_positions, n_embd) transformer.wpe.weight
+    h_{i}/ln_1/{scale,bias}                             transformer.h.{i}.ln_1.{weight,bias}
+    h_{i}/attn/c_attn/{kernel,bias} (n_embd, 3 n_embd)  transformer.h.{i}.attn.c_attn.{weight,bias}
+    h_{i}/attn/c_proj/{kernel,bias} (n_embd, n_embd)    transformer.h.{i}.attn.c_proj.{weight,bias}
+    h_{i}/ln_2/{scale,bias}                             transformer.h.{i}.ln_2.{weight,bias}
+    h_{i}/mlp/c_fc/{kernel,bias}    (n_embd, 4 n_embd)  transformer.h.{i}.mlp.c_fc.{weight,bias}
+    h_{i}/mlp/c_proj/{kernel,bias}  (4 n_embd, n_embd)  transformer.h.{i}.mlp.c_proj.{weight,bias}
+    ln_f/{scale,bias}                                   transformer.ln_f.{weight,bias}
+    head/kernel  (classifier only)  (n_embd, classes)   score.weight (transposed: nn.Linear)
+
+Every linear layer is a plain ``nn.Dense`` and both embeddings are ``nn.Embed``, so ``jaxlora.apply`` adapts
+them without forming ``W + A @ B``. Hugging Face stores GPT-2's linears as ``Conv1D`` whose weight is already
+laid out ``(in, out)`` like a flax kernel, so loading copies them without a transpose.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlora.name_maps import ModuleName
+
+Params = dict[str, Any]
+
+_ACTIVATIONS = {
+    "gelu_new": partial(nn.gelu, approximate=True),
+    "gelu": partial(nn.gelu, approximate=False),
+}
+
+# --------------------------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+    """GPT-2 hyperparameters (Hugging Face field names); ``dropout`` is used for embeddings, attention and residuals."""
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None  # MLP width; None -> 4 * n_embd
+    layer_norm_epsilon: float = 1e-5
+    dropout: float = 0.1
+    activation: str = "gelu_new"  # "gelu_new" (tanh approximation, GPT-2's) or "gelu" (exact)
+    initializer_range: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}.")
+        if self.activation not in _ACTIVATIONS:
+            raise ValueError(f"activation={self.activation!r} is not one of {sorted(_ACTIVATIONS)}.")
+
+    @property
+    def mlp_width(self) -> int:
+        return self.n_inner or 4 * self.n_embd
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> GPT2Config:
+        """One of the four published sizes ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"), optionally modified."""
+        key = name.removeprefix("openai-community/")
+        if key not in PRESETS:
+            raise ValueError(f"Unknown GPT-2 size {name!r}; choose one of {sorted(PRESETS)}.")
+        return dataclasses.replace(PRESETS[key], **overrides)
+
+    @classmethod
+    def from_hf_dict(cls, hf: Mapping[str, Any]) -> GPT2Config:
+        """Read a Hugging Face ``config.json`` dictionary."""
+        activation = hf.get("activation_function", "gelu_new")
+        return cls(
+            vocab_size=hf["vocab_size"],
+            n_positions=hf["n_positions"],
+            n_embd=hf["n_embd"],
+            n_layer=hf["n_layer"],
+            n_head=hf["n_head"],
+            n_inner=hf.get("n_inner"),
+            layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+            dropout=hf.get("resid_pdrop", 0.1),
+            activation="gelu_new" if activation in ("gelu_new", "gelu_pytorch_tanh") else activation,
+            initializer_range=hf.get("initializer_range", 0.02),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, GPT2Config] = {
+    "gpt2": GPT2Config(n_embd=768, n_layer=12, n_head=12),  # 124M
+    "gpt2-medium": GPT2Config(n_embd=1024, n_layer=24, n_head=16),  # 355M
+    "gpt2-large": GPT2Config(n_embd=1280, n_layer=36, n_head=20),  # 774M
+    "gpt2-xl": GPT2Config(n_embd=1600, n_layer=48, n_head=25),  # 1558M
+}
+
+# --------------------------------------------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _dense(features: int, name: str, std: float) -> nn.Dense:
+    return nn.Dense(features, name=name, kernel_init=nn.initializers.normal(std))
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with GPT-2's fused ``c_attn`` (q, k, v) projection."""
+
+    config: GPT2Config
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool) -> jax.Array:
+        cfg = self.config
+        batch, length, width = x.shape
+        head_dim = width // cfg.n_head
+        qkv = _dense(3 * width, "c_attn", cfg.initializer_range)(x)
+        q, k, v = (t.reshape(batch, length, cfg.n_head, head_dim) for t in jnp.split(qkv, 3, axis=-1))
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(head_dim)
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        weights = nn.Dropout(cfg.dropout)(weights, deterministic=deterministic)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, length, width)
+        out = _dense(width, "c_proj", cfg.initializer_range / math.sqrt(2 * cfg.n_layer))(out)
+        return nn.Dropout(cfg.dropout)(out, deterministic=deterministic)
+
+
+class MLP(nn.Module):
+    """GPT-2's feed-forward block: ``c_fc`` -> gelu -> ``c_proj``."""
+
+    config: GPT2Config
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        cfg = self.config
+        h = _ACTIVATIONS[cfg.activation](_dense(cfg.mlp_width, "c_fc", cfg.initializer_range)(x))
+        h = _dense(x.shape[-1], "c_proj", cfg.initializer_range / math.sqrt(2 * cfg.n_layer))(h)
+        return nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block."""
+
+    config: GPT2Config
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool) -> jax.Array:
+        eps = self.config.layer_norm_epsilon
+        x = x + CausalSelfAttention(self.config, name="attn")(nn.LayerNorm(eps, name="ln_1")(x), mask, deterministic)
+        return x + MLP(self.config, name="mlp")(nn.LayerNorm(eps, name="ln_2")(x), deterministic)
+
+
+def _attention_mask(length: int, attention_mask: jax.Array | None) -> jax.Array:
+    """Boolean (batch|1, 1, query, key) mask: causal, and optionally hiding padded keys."""
+    mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
+    if attention_mask is not None:
+        mask = mask & jnp.asarray(attention_mask, bool)[:, None, None, :]
+    return mask
+
+
+def _transformer(
+    cfg: GPT2Config, input_ids: jax.Array, attention_mask: jax.Array | None, deterministic: bool
+) -> tuple[jax.Array, nn.Embed]:
+    """Final hidden states and the token embedding; called inside a compact method so names stay top level."""
+    input_ids = jnp.asarray(input_ids)
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must have shape (batch, length), got {input_ids.shape}.")
+    length = input_ids.shape[1]
+    if length > cfg.n_positions:
+        raise ValueError(f"Sequence length {length} exceeds n_positions={cfg.n_positions}; truncate the input.")
+    embed_init = nn.initializers.normal(cfg.initializer_range)
+    wte = nn.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=embed_init, name="wte")
+    wpe = nn.Embed(cfg.n_positions, cfg.n_embd, embedding_init=embed_init, name="wpe")
+    x = wte(input_ids) + wpe(jnp.arange(length)[None])
+    x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+    mask = _attention_mask(length, attention_mask)
+    for i in range(cfg.n_layer):
+        x = Block(cfg, name=f"h_{i}")(x, mask, deterministic)
+    return nn.LayerNorm(cfg.layer_norm_epsilon, name="ln_f")(x), wte
+
+
+class GPT2(nn.Module):
+    """GPT-2 language model; the output head is tied to ``wte`` (``wte.attend``) as in the original."""
+
+    config: GPT2Config
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        deterministic: bool = True,
+        return_hidden: bool = False,
+    ) -> jax.Array:
+        """Next-token logits (batch, length, vocab); ``attention_mask`` (1 = real token) hides pad keys.
+
+        ``return_hidden=True`` returns the final hidden states (batch, length, n_embd) instead, e.g. to score
+        only a subset of the vocabulary against ``params["wte"]["embedding"]``.
+        """
+        hidden, wte = _transformer(self.config, input_ids, attention_mask, deterministic)
+        return hidden if return_hidden else wte.attend(hidden)
+
+
+class GPT2Classifier(nn.Module):
+    """GPT-2 body plus a new linear ``head`` (no bias, like HF's ``score``) read at the last real token.
+
+    The published spam recipe reads the final position, which for right-padded batches is a pad token, so its
+    prediction depends on how much padding a batch has. With causal attention the last real token has seen the
+    whole message and none of the padding, so reading it makes the result independent of padding (this is also
+    what Hugging Face's ``GPT2ForSequenceClassification`` does). Pass ``lengths`` (real tokens per row, right
+    padding) or an ``attention_mask``; with neither, the final position is read, as in the recipe.
+    """
+
+    config: GPT2Config
+    num_classes: int = 2
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        lengths: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        """Class logits of shape (batch, num_classes)."""
+        hidden, _ = _transformer(self.config, input_ids, attention_mask, deterministic)
+        index = _last_token_index(hidden.shape[:2], lengths, attention_mask)
+        pooled = jnp.take_along_axis(hidden, index[:, None, None], axis=1)[:, 0]
+        head = nn.Dense(self.num_classes, use_bias=False, name="head")
+        return head(pooled)
+
+
+def _last_token_index(shape: tuple[int, int], lengths: jax.Array | None, attention_mask: jax.Array | None) -> jax.Array:
+    """Position of each row's last real token, shape (batch,)."""
+    batch, length = shape
+    if lengths is not None:
+        return jnp.clip(jnp.asarray(lengths, jnp.int32) - 1, 0, length - 1)
+    if attention_mask is not None:
+        mask = jnp.asarray(attention_mask, bool)
+        return length - 1 - jnp.argmax(mask[:, ::-1], axis=1).astype(jnp.int32)
+    return jnp.full((batch,), length - 1, jnp.int32)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Greedy generation
+# --------------------------------------------------------------------------------------------------------------
+
+
+def generate_greedy(model: GPT2, params: Params, token_ids: Any, max_new_tokens: int) -> jax.Array:
+    """Append ``max_new_tokens`` argmax tokens to ``token_ids`` (batch, length) or (length,).
+
+    Works in a fixed buffer of length ``length + max_new_tokens`` inside one ``lax.fori_loop``: the model is
+    compiled once per buffer shape (prompt length and step count are traced), not once per step. There is no KV
+    cache: each step reruns the whole buffer, and causal attention keeps the unwritten tail from affecting it.
+    """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
+    ids = jnp.asarray(token_ids, jnp.int32)
+    squeeze = ids.ndim == 1
+    ids = ids[None] if squeeze else ids
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise ValueError(f"token_ids must be a non-empty (batch, length) or (length,) array, got {ids.shape}.")
+    total = ids.shape[1] + max_new_tokens
+    if total > model.config.n_positions:
+        raise ValueError(
+            f"prompt length {ids.shape[1]} + max_new_tokens {max_new_tokens} exceeds n_positions="
+            f"{model.config.n_positions}; shorten the prompt or generate fewer tokens."
+        )
+    buffer = jnp.zeros((ids.shape[0], total), jnp.int32).at[:, : ids.shape[1]].set(ids)
+    out = _greedy_fill(model, params, buffer, jnp.int32(ids.shape[1]), jnp.int32(max_new_tokens))
+    return out[0] if squeeze else out
+
+
+@partial(jax.jit, static_argnames=("model",))
+def _greedy_fill(model: GPT2, params: Params, buffer: jax.Array, prompt_len: jax.Array, max_new_tokens: jax.Array):
+    def step(i, buffer):
+        position = prompt_len + i - 1
+        logits = model.apply({"params": params}, buffer)
+        next_token = jnp.argmax(jax.lax.dynamic_index_in_dim(logits, position, axis=1, keepdims=False), axis=-1)
+        return jax.lax.dynamic_update_index_in_dim(buffer, next_token.astype(jnp.int32), position + 1, axis=1)
+
+    return jax.lax.fori_loop(0, max_new_tokens, step, buffer)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Name map to PyTorch / PEFT
+# --------------------------------------------------------------------------------------------------------------
+
+
+# Rows are jaxlora.name_maps.ModuleName(pattern over our module path, torch module ``re.sub`` template, layout).
+# Hugging Face keeps GPT-2's linears as ``Conv1D`` with weight ``(in, out)``, identical to our kernel ("conv1d";
+# PEFT calls these ``fan_in_fan_out=True``); the classifier head maps to GPT2ForSequenceClassification's
+# ``score``, an ``nn.Linear`` whose weight is our kernel transposed ("linear").
+PEFT_NAME_MAP: tuple[ModuleName, ...] = (
+    ModuleName(r"wte", "transformer.wte", "tied_embedding"),  # also the LM head (wte.attend)
+    ModuleName(r"wpe", "transformer.wpe", "embedding"),
+    ModuleName(r"h_(\d+)/ln_1", r"transformer.h.\1.ln_1", "layernorm"),
+    ModuleName(r"h_(\d+)/attn/c_attn", r"transformer.h.\1.attn.c_attn", "conv1d"),
+    ModuleName(r"h_(\d+)/attn/c_proj", r"transformer.h.\1.attn.c_proj", "conv1d"),
+    ModuleName(r"h_(\d+)/ln_2", r"transformer.h.\1.ln_2", "layernorm"),
+    ModuleName(r"h_(\d+)/mlp/c_fc", r"transformer.h.\1.mlp.c_fc", "conv1d"),
+    ModuleName(r"h_(\d+)/mlp/c_proj", r"transformer.h.\1.mlp.c_proj", "conv1d"),
+    ModuleName(r"ln_f", "transformer.ln_f", "layernorm"),
+    ModuleName(r"head", "score", "linear"),  # GPT2ForSequenceClassification's head
+)
+
+_TORCH_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
+
+
+def torch_module_name(module_path: str) -> tuple[str, str]:
+    """Torch module name and layout for one of our module paths, e.g. "h_0/attn/c_attn" -> ("transformer.h.0...")."""
+    for row in PEFT_NAME_MAP:
+        if re.fullmatch(row.pattern, module_path):
+            return re.sub(row.pattern, row.module, module_path), row.layout
+    raise KeyError(
+        f"No torch name for GPT-2 module {module_path!r}; known patterns: {[r.pattern for r in PEFT_NAME_MAP]}"
+    )
+
+
+def torch_param_name(param_path: str) -> str:
+    """Torch state-dict key of one of our "/"-joined parameter paths: "ln_f/scale" -> "transformer.ln_f.weight"."""
+    module_path, _, leaf = param_path.rpartition("/")
+    if leaf not in _TORCH_LEAF:
+        raise KeyError(f"Unknown GPT-2 parameter leaf {leaf!r} in {param_path!r}.")
+    return f"{torch_module_name(module_path)[0]}.{_TORCH_LEAF[leaf]}"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading Hugging Face checkpoints
+# --------------------------------------------------------------------------------------------------------------
+
+_BUFFERS = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")  # causal-mask buffers in older checkpoints
+_NO_WEIGHTS_HINT = (
+    "Pass --weights PATH with a GPT-2 model.safetensors file (or a directory holding one), "
+    "or use the example's offline mode (--offline-pretrain), which pretrains a small GPT-2 itself."
+)
+
+
+def _looks_like_local_path(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or name.endswith(".safetensors") or os.sep in name.replace("/", "", 1)
+
+
+def _hub_file(repo_id: str, filename: str) -> Path:
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError as err:  # pragma: no cover - huggingface_hub ships with transformers
+        raise FileNotFoundError(
+            f"{repo_id!r} is not a local path and huggingface_hub is not installed. {_NO_WEIGHTS_HINT}"
+        ) from err
+    try:
+        return Path(hf_hub_download(repo_id, filename))
+    except Exception as err:  # offline, unknown repo, no network: all end the same way for the user
+        raise FileNotFoundError(
+            f"Could not get {filename!r} of {repo_id!r} from the Hugging Face Hub or its local cache "
+            f"(offline or unreachable: {type(err).__name__}: {err}). {_NO_WEIGHTS_HINT}"
+        ) from err
+
+
+def _weight_files(path_or_repo: str | os.PathLike) -> tuple[list[Path], Path | None]:
+    """The safetensors file(s) to read and the ``config.json`` beside them, if any."""
+    path = Path(path_or_repo).expanduser()
+    if path.is_file():
+        config = path.parent / "config.json"
+        return [path], config if config.is_file() else None
+    if path.is_dir():
+        config = path / "config.json"
+        config = config if config.is_file() else None
+        if (path / "model.safetensors").is_file():
+            return [path / "model.safetensors"], config
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [path / shard for shard in shards], config
+        raise FileNotFoundError(f"No model.safetensors (or model.safetensors.index.json) in {path}. {_NO_WEIGHTS_HINT}")
+    name = str(path_or_repo)
+    if _looks_like_local_path(name):
+        raise FileNotFoundError(f"GPT-2 weights not found at {name!r}. {_NO_WEIGHTS_HINT}")
+    return [_hub_file(name, "model.safetensors")], _hub_file(name, "config.json")
+
+
+def config_from_hf(path_or_repo: str | os.PathLike) -> GPT2Config:
+    """GPT2Config from the ``config.json`` beside local weights or in a hub repo."""
+    _, config_path = _weight_files(path_or_repo)
+    if config_path is None:
+        raise FileNotFoundError(f"No config.json beside the weights at {path_or_repo!r}; build a GPT2Config yourself.")
+    return GPT2Config.from_hf_dict(json.loads(config_path.read_text()))
+
+
+def _read_tensors(files: Sequence[Path]) -> dict[str, np.ndarray]:
+    from safetensors import safe_open
+
+    tensors: dict[str, np.ndarray] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="flax") as handle:
+                for key in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
+                    tensors[key] = handle.get_tensor(key)
+        except Exception as err:
+            raise ValueError(f"Could not read {file} as a safetensors file: {err}") from err
+    return tensors
+
+
+def _strip_prefix(tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """Accept GPT2LMHeadModel keys ("transformer.h.0...") and GPT2Model keys ("h.0...") alike."""
+    out = {}
+    for key, value in tensors.items():
+        short = key.removeprefix("transformer.")
+        if short in out:
+            raise ValueError(f"Checkpoint holds both {short!r} and 'transformer.{short}'; keep one layout.")
+        out[short] = value
+    return out
+
+
+def _infer_config(tensors: Mapping[str, Any]) -> GPT2Config:
+    """Enough of a config to know every expected shape (n_head does not change shapes)."""
+    if "wte.weight" not in tensors or "wpe.weight" not in tensors:
+        raise ValueError(
+            "Not a GPT-2 checkpoint: no 'wte.weight'/'wpe.weight' (also looked for 'transformer.wte.weight'). "
+            f"First keys: {sorted(tensors)[:8]}"
+        )
+    vocab, width = tensors["wte.weight"].shape
+    layers = {int(m.group(1)) for k in tensors if (m := re.match(r"h\.(\d+)\.", k))}
+    fc = tensors.get("h.0.mlp.c_fc.weight")
+    return GPT2Config(
+        vocab_size=vocab,
+        n_positions=tensors["wpe.weight"].shape[0],
+        n_embd=width,
+        n_layer=max(layers) + 1 if layers else 0,
+        n_head=1,
+        n_inner=None if fc is None else fc.shape[1],
+    )
+
+
+def _expected_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
+    """Our "/"-joined parameter paths and shapes, without allocating anything."""
+    shapes = jax.eval_shape(lambda: GPT2(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
+    flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
+    return {"/".join(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
+
+
+def load_hf_weights(
+    path_or_repo: str | os.PathLike, config: GPT2Config | None = None, dtype: Any = jnp.float32
+) -> Params:
+    """GPT-2 params for :class:`GPT2` / :class:`GPT2Classifier` from Hugging Face safetensors weights.
+
+    ``path_or_repo``: a ``model.safetensors`` file, a directory holding one (or a sharded index), or a hub id such
+    as ``"openai-community/gpt2"`` (downloaded with huggingface_hub when online). Shapes are checked against
+    ``config`` when given, else against the ``config.json`` beside the weights, else against the weights
+    themselves. Causal-mask buffers are ignored; a tied ``lm_head.weight`` is checked and dropped.
+    """
+    files, config_path = _weight_files(path_or_repo)
+    tensors = _strip_prefix(_read_tensors(files))
+    if config is None and config_path is not None:
+        config = GPT2Config.from_hf_dict(json.loads(config_path.read_text()))
+    config = config or _infer_config(tensors)
+    source = ", ".join(str(f) for f in files)
+
+    lm_head = tensors.pop("lm_head.weight", None)
+    if lm_head is not None and "wte.weight" in tensors:
+        wte = tensors["wte.weight"]
+        if lm_head.shape != wte.shape or not np.array_equal(np.asarray(lm_head), np.asarray(wte)):
+            raise ValueError(
+                f"{source}: 'lm_head.weight' differs from 'wte.weight'; only tied GPT-2 heads are supported."
+            )
+    for key in [k for k in tensors if _BUFFERS.fullmatch(k)]:
+        del tensors[key]
+
+    expected = {
+        torch_param_name(path).removeprefix("transformer."): (path, shape)
+        for path, shape in _expected_shapes(config).items()
+    }
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{source} does not match GPT-2 with n_layer={config.n_layer}, n_embd={config.n_embd}: "
+            f"missing keys {missing[:10]}{' ...' if len(missing) > 10 else ''}, "
+            f"unexpected keys {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}."
+        )
+    params: Params = {}
+    for key, (path, shape) in expected.items():
+        value = tensors[key]
+        if tuple(value.shape) != shape:
+            raise ValueError(f"{source}: {key!r} has shape {tuple(value.shape)}, expected {shape} for {path!r}.")
+        node = params
+        *parents, leaf = path.split("/")
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = jnp.asarray(value, dtype)
+    return params

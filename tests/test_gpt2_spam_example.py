@@ -1,0 +1,67 @@
+"""The GPT-2 spam example end to end in --quick mode: offline pretraining, and local Hugging Face weights."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from conftest import REPO, SHARED_DATA, require_data
+
+sys.path.insert(0, str(REPO / "examples"))
+import gpt2_spam
+
+
+@pytest.fixture
+def data_args():
+    return [
+        "--data-dir", str(require_data(SHARED_DATA / "sms_spam" / "SMSSpamCollection", "SMS Spam Collection")),
+        "--bpe-dir", str(require_data(SHARED_DATA / "gpt2_bpe", "GPT-2 BPE files")),
+    ]  # fmt: skip
+
+
+def _check_outputs(out, metrics):
+    assert set(metrics["accuracy"]) == {"train", "validation", "test"}
+    assert all(0.0 <= acc <= 1.0 for acc in metrics["accuracy"].values())
+    assert metrics["reload_ok"] is True
+    assert len(metrics["history"]["train_acc"]) == 1  # one epoch in --quick mode
+    assert metrics["history"]["train_loss"], "no loss evaluation ran"
+    for name in ("loss.png", "accuracy.png", "metrics.json", "lora_plan.txt"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "adapter").is_dir()
+    assert json.loads((out / "metrics.json").read_text())["accuracy"] == metrics["accuracy"]
+
+
+def test_quick_offline_pretrain(tmp_path, data_args, capsys):
+    out = tmp_path / "run"
+    metrics = gpt2_spam.main(["--quick", "--out", str(out), *data_args])
+    _check_outputs(out, metrics)
+    assert (out / "pretrain_loss.png").is_file() and (out / "pretrained" / "config.json").is_file()
+    # Quick model: 2 blocks of width 32, rank 4 on c_attn (32->96), c_proj (32->32), c_fc (32->128),
+    # mlp c_proj (128->32), plus the 32x2 head trained in full.
+    assert metrics["trainable_params"] == 2 * 4 * ((32 + 96) + (32 + 32) + (32 + 128) + (128 + 32)) + 32 * 2
+    printed = capsys.readouterr().out
+    assert "published 2,666,528" in printed and "(equal to the published count)" in printed
+
+    # The saved pretrained base is reused instead of pretraining again.
+    again = gpt2_spam.main(["--quick", "--out", str(tmp_path / "again"), "--pretrained", str(out / "pretrained"),
+                            *data_args])  # fmt: skip
+    assert not (tmp_path / "again" / "pretrained").exists()
+    assert again["model"] == metrics["model"]
+
+
+def test_quick_with_local_hugging_face_weights(tmp_path, data_args):
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=256)  # GPT-2's 50257 tokens
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "weights")
+    out = tmp_path / "run"
+    metrics = gpt2_spam.main(["--quick", "--weights", str(tmp_path / "weights"), "--out", str(out), *data_args])
+    _check_outputs(out, metrics)
+    assert metrics["model"]["n_embd"] == 16 and not (out / "pretrained").exists()
+
+
+def test_missing_weights_offline_names_the_flags(tmp_path, data_args):
+    with pytest.raises(FileNotFoundError, match=r"--weights PATH.*--offline-pretrain"):
+        gpt2_spam.main(["--weights", str(tmp_path / "absent"), "--out", str(tmp_path / "run"), *data_args])
