@@ -82,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="no pretrained weights: pretrain a small GPT-2 on the training texts first",
     )
     base.add_argument("--pretrained", type=Path, help="reuse a checkpoint written by an earlier --offline-pretrain")
-    base.add_argument("--pretrain-epochs", type=int, default=16)
+    base.add_argument("--pretrain-epochs", type=int, default=40)
     base.add_argument("--pretrain-lr", type=float, default=5e-3)
     base.add_argument("--pretrain-block", type=int, default=64, help="tokens per pretraining sequence")
     data = parser.add_argument_group("data")
@@ -92,8 +92,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train = parser.add_argument_group("LoRA fine-tuning")
     train.add_argument("--rank", type=int, default=16)
     train.add_argument("--alpha", type=float, default=16.0)
-    train.add_argument("--lr", type=float, help="default 5e-5 (recipe); 1e-3 with --offline-pretrain")
-    train.add_argument("--cosine", action="store_true", help="decay the learning rate to 0 (recipe: constant)")
+    train.add_argument("--lr", type=float, help="default 5e-5 (recipe); 2e-3 with --offline-pretrain")
+    train.add_argument(
+        "--schedule",
+        choices=("constant", "cosine"),
+        help="learning-rate schedule; default constant (recipe), cosine decay to 0 with --offline-pretrain",
+    )
     train.add_argument("--weight-decay", type=float, default=0.1)
     train.add_argument("--batch-size", type=int, default=8)
     train.add_argument("--epochs", type=int, default=5)
@@ -111,8 +115,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.rank = min(args.rank, 4)
         args.eval_freq = min(args.eval_freq, 4)
         args.eval_iter = min(args.eval_iter, 2)
+    small_base = args.offline_pretrain or args.pretrained is not None
     if args.lr is None:
-        args.lr = 1e-3 if args.offline_pretrain or args.pretrained else 5e-5
+        args.lr = 2e-3 if small_base else 5e-5
+    if args.schedule is None:
+        args.schedule = "cosine" if small_base else "constant"
     args.weights = args.weights or HUB_ID
     return args
 
@@ -422,7 +429,8 @@ def base_model(
 def fine_tune(args, model, config, trainable, frozen, data) -> tuple[Params, dict[str, list], Any]:
     """The recipe's loop: loss on `eval_iter` batches every `eval_freq` steps, accuracy after every epoch."""
     steps_per_epoch = len(data["train"]) // args.batch_size
-    lr = optax.cosine_decay_schedule(args.lr, steps_per_epoch * args.epochs) if args.cosine else args.lr
+    cosine = args.schedule == "cosine"
+    lr = optax.cosine_decay_schedule(args.lr, steps_per_epoch * args.epochs) if cosine else args.lr
     tx = jaxlora.optimizer(optax.adamw(lr, weight_decay=args.weight_decay), config)
     opt_state = tx.init(trainable)
     train_step, eval_step = make_steps(model, config, tx)
@@ -430,7 +438,7 @@ def fine_tune(args, model, config, trainable, frozen, data) -> tuple[Params, dic
     train_sorted, val_sorted = by_length(data["train"]), by_length(data["validation"])
     history: dict[str, list] = {k: [] for k in ("examples_seen", "train_loss", "val_loss", "train_acc", "val_acc")}
     print(
-        f"Fine-tuning: AdamW lr {args.lr:g}{' (cosine decay)' if args.cosine else ''}, weight decay "
+        f"Fine-tuning: AdamW lr {args.lr:g}{' (cosine decay)' if cosine else ''}, weight decay "
         f"{args.weight_decay:g}, batch {args.batch_size}, {args.epochs} epochs of {steps_per_epoch} steps."
     )
     step = examples_seen = 0
