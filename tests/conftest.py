@@ -19,3 +19,15 @@ def require_data(path: Path, what: str) -> Path:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(message + " (CI=true: the data must be present in CI)")
     pytest.skip(message)
+
+
+def load_example(name: str):
+    """Imports `examples/<name>.py` as a module (registered in sys.modules, which dataclasses need)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(f"{name}_example", REPO / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -3,26 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from conftest import load_example
 
 import jaxlora
-
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "toy_mlp.py"
 
 
 @pytest.fixture(scope="module")
 def example():
-    spec = importlib.util.spec_from_file_location("toy_mlp_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve the module's annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_example("toy_mlp")
 
 
 @pytest.fixture(scope="module")
