@@ -13,12 +13,14 @@ Where the base comes from:
     python examples/gpt2_spam.py --offline-pretrain    # no weights, no network: pretrain a small GPT-2 first
     python examples/gpt2_spam.py --quick ...           # tiny model and a few steps (used by the tests)
 
-``--offline-pretrain`` pretrains a 4-layer, 128-wide GPT-2 (GPT-2's full 50257-token vocabulary, 1.35 M
-parameters in the blocks) as a causal language model on the texts of the *training split only* (about 33 k
-tokens), saves it with orbax, and then runs the same LoRA fine-tuning. To keep pretraining cheap, the softmax of
-the language-model loss runs over the ~4.8 k GPT-2 tokens that occur in those texts (exact for every target; the
-other embedding rows never receive a gradient). Such a small model needs a larger learning rate than GPT-2 124M,
-so this mode defaults to lr 1e-3 for the LoRA fine-tuning (``--lr`` overrides).
+``--offline-pretrain`` pretrains a small GPT-2 (2 layers, width 128, 4 heads, dropout 0.1; GPT-2's vocabulary,
+256 positions) as a causal language model on the texts of the *training split only* (about 33 k tokens): the
+messages joined by <|endoftext|> into one stream, cut at a fresh random offset every epoch into 64-token windows,
+16 windows a step, 40 epochs, AdamW 5e-3 with warmup and cosine decay. To keep it cheap, only the ~4.8 k token
+ids that occur in those texts get embedding rows while pretraining (the tied softmax over them is exact for every
+target); they are placed into GPT-2's 50257-row table afterwards. The base is saved with orbax (``--pretrained``
+reuses it) and fine-tuned exactly as above, except that such a small model wants a larger learning rate: lr 2e-3
+decayed to 0 by a cosine (``--lr``, ``--schedule`` override).
 
 Offline data: ``--data-dir`` (the UCI ``SMSSpamCollection`` file or folder) or ``--reference-split`` (the
 published split's CSVs), and ``--bpe-dir`` (GPT-2's ``encoder.json`` + ``vocab.bpe``) or ``TIKTOKEN_CACHE_DIR``.
@@ -44,7 +46,15 @@ from tqdm.auto import tqdm
 
 import jaxlora
 import jaxlora.checkpoint
-from jaxlora.models.gpt2 import GPT2, GPT2Classifier, GPT2Config, config_from_hf, generate_greedy, load_hf_weights
+from jaxlora.models.gpt2 import (
+    GPT2,
+    PRESETS,
+    GPT2Classifier,
+    GPT2Config,
+    config_from_hf,
+    generate_greedy,
+    load_hf_weights,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import spam_data
@@ -92,6 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train = parser.add_argument_group("LoRA fine-tuning")
     train.add_argument("--rank", type=int, default=16)
     train.add_argument("--alpha", type=float, default=16.0)
+    train.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input (recipe: none)")
     train.add_argument("--lr", type=float, help="default 5e-5 (recipe); 2e-3 with --offline-pretrain")
     train.add_argument(
         "--schedule",
@@ -104,7 +115,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--eval-freq", type=int, default=50, help="steps between loss evaluations")
     train.add_argument("--eval-iter", type=int, default=5, help="batches per loss evaluation")
     parser.add_argument("--quick", action="store_true", help="tiny model, data subset, few steps (for tests)")
-    parser.add_argument("--seed", type=int, default=123)
+    parser.add_argument("--seed", type=int, default=123, help="initialisation and shuffling")
+    parser.add_argument("--split-seed", type=int, default=123, help="ham subsampling and the 70/10/20 split")
     parser.add_argument("--out", type=Path, default=Path("runs/gpt2_spam"))
     args = parser.parse_args(argv)
     if args.quick:
@@ -165,14 +177,20 @@ def init_params(model: GPT2 | GPT2Classifier, seed: int) -> Params:
 
 
 def load_pretrained_weights(weights: str) -> tuple[GPT2Config, Params]:
-    """Config and params of a published GPT-2 (dropout off, as in the recipe's fine-tuning)."""
+    """Config and params of a published GPT-2; without a config.json the size is matched to the four presets."""
+    params = load_hf_weights(weights)  # names --weights / --offline-pretrain when there is nothing to load
     try:
-        config = config_from_hf(weights)
+        return config_from_hf(weights), params
     except FileNotFoundError:
-        config = GPT2Config.from_name("gpt2")
-        print(f"No config.json beside {weights}; assuming GPT-2 124M hyperparameters.")
-    params = load_hf_weights(weights, config)
-    return dataclasses.replace(config, dropout=0.0), params
+        width, layers = params["wte"]["embedding"].shape[1], sum(name.startswith("h_") for name in params)
+        for name, preset in PRESETS.items():
+            if (preset.n_embd, preset.n_layer) == (width, layers):
+                print(f"No config.json beside {weights}; its shapes are those of {name}.")
+                return preset, params
+        raise ValueError(
+            f"No config.json beside {weights} and its size (width {width}, {layers} layers) is none of "
+            f"{sorted(PRESETS)}: put the model's config.json next to it."
+        ) from None
 
 
 def lm_corpus(split: spam_data.EncodedSplit) -> np.ndarray:
@@ -227,7 +245,8 @@ def pretrain(config: GPT2Config, corpus: np.ndarray, args: argparse.Namespace) -
                 bar.update()
                 bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.3f}")
 
-    table = init_params(GPT2(config), args.seed)["wte"]["embedding"].at[vocab].set(params["wte"]["embedding"])
+    table = jax.random.normal(jax.random.key(args.seed + 2), (config.vocab_size, config.n_embd))
+    table = (config.initializer_range * table).at[vocab].set(params["wte"]["embedding"])  # GPT-2's init elsewhere
     return {**params, "wte": {"embedding": table}}, losses
 
 
@@ -258,7 +277,7 @@ def restore_pretrained(directory: Path) -> tuple[GPT2Config, Params]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def lora_config(rank: int, alpha: float) -> jaxlora.LoraConfig:
+def lora_config(rank: int, alpha: float, dropout: float = 0.0) -> jaxlora.LoraConfig:
     """LoRA on every linear layer of the blocks; the new head is trained in full.
 
     The recipe puts a rank-16 LoRA on the 768x2 head too, but jaxlora refuses a rank above min(fan_in, fan_out)
@@ -266,7 +285,9 @@ def lora_config(rank: int, alpha: float) -> jaxlora.LoraConfig:
     the same function class with fewer parameters, and it lands in the adapter checkpoint, so nothing depends
     on re-creating a frozen random head.
     """
-    return jaxlora.LoraConfig(rank=rank, alpha=alpha, targets=(BLOCK_LINEARS,), modules_to_save=(r"head/kernel",))
+    return jaxlora.LoraConfig(
+        rank=rank, alpha=alpha, dropout=dropout, targets=(BLOCK_LINEARS,), modules_to_save=(r"head/kernel",)
+    )
 
 
 def explain_trainable_count(rank: int = 16) -> str:
@@ -296,14 +317,14 @@ def explain_trainable_count(rank: int = 16) -> str:
 def make_steps(model: GPT2Classifier, config: jaxlora.LoraConfig, tx: optax.GradientTransformation):
     """Jitted train step and evaluation (loss sum, correct count) over the LoRA-adapted classifier."""
 
-    def logits_fn(trainable, frozen, ids, lengths):
+    def logits_fn(trainable, frozen, ids, lengths, dropout_rng=None):
         params, adapters = jaxlora.combine(trainable, frozen)
-        return jaxlora.apply(model, {"params": params}, adapters, config, ids, lengths)
+        return jaxlora.apply(model, {"params": params}, adapters, config, ids, lengths, dropout_rng=dropout_rng)
 
     @jax.jit
-    def train_step(trainable, frozen, opt_state, ids, lengths, labels):
+    def train_step(trainable, frozen, opt_state, ids, lengths, labels, key):
         def loss_fn(trainable):
-            logits = logits_fn(trainable, frozen, ids, lengths)
+            logits = logits_fn(trainable, frozen, ids, lengths, key if config.dropout > 0 else None)
             return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
         loss, grads = jax.value_and_grad(loss_fn)(trainable)
@@ -362,7 +383,7 @@ def plot(out: Path, history: dict[str, list], pretrain_losses: list[float]) -> l
     epochs = range(1, len(history["train_acc"]) + 1)
     ax.plot(epochs, history["train_acc"], marker="o", label="train")
     ax.plot(epochs, history["val_acc"], marker="o", linestyle="-.", label="validation")
-    ax.set(xlabel="epoch", ylabel="accuracy", title="Accuracy after each epoch", ylim=(0, 1.02))
+    ax.set(xlabel="epoch", ylabel="accuracy", title="Accuracy after each epoch", ylim=(0, 1.02), xticks=list(epochs))
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "accuracy.png", dpi=120)
@@ -386,7 +407,7 @@ def plot(out: Path, history: dict[str, list], pretrain_losses: list[float]) -> l
 
 
 def load_data(args: argparse.Namespace, encoding) -> dict[str, spam_data.EncodedSplit]:
-    splits = spam_data.load_splits(args.data_dir, args.reference_split, seed=args.seed)
+    splits = spam_data.load_splits(args.data_dir, args.reference_split, seed=args.split_seed)
     data = spam_data.encode_splits(encoding, splits)
     if args.quick:
         data = {name: subset(split, 96 if name == "train" else 32) for name, split in data.items()}
@@ -435,6 +456,7 @@ def fine_tune(args, model, config, trainable, frozen, data) -> tuple[Params, dic
     opt_state = tx.init(trainable)
     train_step, eval_step = make_steps(model, config, tx)
     rng, eval_rng = np.random.default_rng(args.seed), np.random.default_rng(args.seed + 1)
+    key = jax.random.key(args.seed + 3)
     train_sorted, val_sorted = by_length(data["train"]), by_length(data["validation"])
     history: dict[str, list] = {k: [] for k in ("examples_seen", "train_loss", "val_loss", "train_acc", "val_acc")}
     print(
@@ -445,8 +467,9 @@ def fine_tune(args, model, config, trainable, frozen, data) -> tuple[Params, dic
     with tqdm(total=steps_per_epoch * args.epochs, desc="fine-tune", unit="step") as bar:
         for epoch in range(1, args.epochs + 1):
             for batch in batches(data["train"], args.batch_size, rng):
+                key, sub = jax.random.split(key)
                 trainable, opt_state, loss = train_step(
-                    trainable, frozen, opt_state, batch.ids, batch.lengths, batch.labels
+                    trainable, frozen, opt_state, batch.ids, batch.lengths, batch.labels, sub
                 )
                 examples_seen += len(batch.labels)
                 if step % args.eval_freq == 0:
@@ -507,7 +530,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = GPT2Classifier(gpt_config, num_classes=2)
     head = init_params(model, args.seed)["head"]
     params = {**params, "head": head}
-    config = lora_config(args.rank, args.alpha)
+    config = lora_config(args.rank, args.alpha, args.lora_dropout)
     plan = jaxlora.plan(params, config)
     (args.out / "lora_plan.txt").write_text(str(plan) + "\n")
     params, adapters = jaxlora.init(jax.random.key(args.seed + 2), params, config)

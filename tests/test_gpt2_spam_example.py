@@ -50,18 +50,40 @@ def test_quick_offline_pretrain(tmp_path, data_args, capsys):
     assert again["model"] == metrics["model"]
 
 
-def test_quick_with_local_hugging_face_weights(tmp_path, data_args):
+def test_quick_with_local_hugging_face_weights_on_the_reference_split(tmp_path):
+    """--weights PATH instead of pretraining, on the published split's CSVs."""
     transformers = pytest.importorskip("transformers")
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=256)  # GPT-2's 50257 tokens
     transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "weights")
     out = tmp_path / "run"
-    metrics = gpt2_spam.main(["--quick", "--weights", str(tmp_path / "weights"), "--out", str(out), *data_args])
+    reference = require_data(SHARED_DATA / "sms_spam" / "reference_split", "reference split")
+    bpe = require_data(SHARED_DATA / "gpt2_bpe", "GPT-2 BPE files")
+    args = [
+        "--quick",
+        "--weights",
+        str(tmp_path / "weights"),
+        "--reference-split",
+        str(reference),
+        "--bpe-dir",
+        str(bpe),
+    ]
+    metrics = gpt2_spam.main([*args, "--out", str(out)])
     _check_outputs(out, metrics)
     assert metrics["model"]["n_embd"] == 16 and not (out / "pretrained").exists()
+    assert metrics["args"]["lr"] == 5e-5 and metrics["args"]["schedule"] == "constant"  # the recipe's settings
 
 
 def test_missing_weights_offline_names_the_flags(tmp_path, data_args):
     with pytest.raises(FileNotFoundError, match=r"--weights PATH.*--offline-pretrain"):
         gpt2_spam.main(["--weights", str(tmp_path / "absent"), "--out", str(tmp_path / "run"), *data_args])
+
+
+def test_weights_without_config_json_must_match_a_preset(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50257, n_positions=8)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(ValueError, match=r"width 16, 1 layers.*put the model's config\.json next to it"):
+        gpt2_spam.load_pretrained_weights(str(tmp_path))

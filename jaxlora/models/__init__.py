@@ -3,6 +3,7 @@
 from jaxlora.models.gpt2 import (
     GPT2,
     PEFT_NAME_MAP,
+    PRESETS,
     GPT2Classifier,
     GPT2Config,
     config_from_hf,
@@ -15,6 +16,7 @@ from jaxlora.models.gpt2 import (
 __all__ = [
     "GPT2",
     "PEFT_NAME_MAP",
+    "PRESETS",
     "GPT2Classifier",
     "GPT2Config",
     "config_from_hf",
