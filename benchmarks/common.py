@@ -113,6 +113,7 @@ class Config:
     worker: str  # "jax", "torch" or "lorax"
     group: str  # "gpt2_train", "gpt2_infer", "merge", "small", "matmul"
     label: str
+    timeout_s: float | None = None  # full runs: stop the worker after this long (default: the runner's timeout)
 
 
 def _configs() -> list[Config]:
@@ -129,7 +130,8 @@ def _configs() -> list[Config]:
     add("torch_gpt2_peft_r16_fused", "torch", "gpt2_train", "PEFT r16 (AdamW fused)")
     add("torch_gpt2_peft_r8", "torch", "gpt2_train", "PEFT r8 c_attn (AdamW default)")
     add("torch_gpt2_peft_r8_fused", "torch", "gpt2_train", "PEFT r8 c_attn (AdamW fused)")
-    add("torch_gpt2_peft_r16_bf16", "torch", "gpt2_train", "PEFT r16, bf16 autocast (AdamW fused)")
+    # Without bf16 instructions (AVX2 only) one autocast step takes many minutes: capped so the run stays < 20 min.
+    add("torch_gpt2_peft_r16_bf16", "torch", "gpt2_train", "PEFT r16, bf16 autocast (AdamW fused)", 240.0)
     add("lorax_gpt2_lora_r16", "lorax", "gpt2_train", "lorax r16")
     add("lorax_env_jaxlora_r16", "lorax", "gpt2_train", "jaxlora r16 factored, in lorax's environment")
     add("jax_gpt2_infer_base", "jax", "gpt2_infer", "jax base model")

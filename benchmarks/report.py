@@ -82,6 +82,9 @@ def _ratio(
         f"{n}: {value / d:.3f}x" for n in dens if (d := step(results, n, key)) is not None and value is not None
     )
     detail = f"{num} / {best_name} (strictest of {', '.join(dens)})" + (f"; {others}" if others else "")
+    missing = [f"{n}: {results[n].get('error', '')}" for n in (num, *dens) if n in results and not _ok(results, n)]
+    if missing:
+        detail += "; not measured: " + "; ".join(missing)
     return _target(title, ratio, limit, "x", detail)
 
 
@@ -239,6 +242,8 @@ def _train_rows(results: dict[str, Any]) -> list[str]:
             notes.append(f"attn {r['attn_implementation']}")
         if r.get("lorax_note"):
             notes.append(r["lorax_note"])
+        if r.get("timing_note"):
+            notes.append(r["timing_note"])
         share = "-" if not ceiling else f"{100 * r['gflops'] / ceiling:.0f}%"
         lines.append(
             f"| {c.label} | {_fmt_range(r['step_s'])} | {first} | {r['peak_rss_mb']:.0f} MiB | {r['model_gflop']:.3g} "

@@ -130,19 +130,19 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     # Full runs give each configuration a fresh process (own compile caches, own peak RSS); the smoke run groups
     # them per worker, since it checks that the code runs, not how fast.
     if args.smoke:
-        batches = [(w, [c.name for c in configs if c.worker == w]) for w in WORKERS]
-        batches = [(w, names) for w, names in batches if names]
+        batches = [(w, [c.name for c in configs if c.worker == w], timeout) for w in WORKERS]
+        batches = [(w, names, t) for w, names, t in batches if names]
     else:
-        batches = [(c.worker, [c.name]) for c in configs]
+        batches = [(c.worker, [c.name], min(timeout, c.timeout_s or timeout)) for c in configs]
 
     started = time.time()
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     results: dict[str, Any] = {}
     bar = _progress(len(configs))
-    for worker, names in batches:
+    for worker, names, worker_timeout in batches:
         if bar is not None:
             bar.set_description(names[0] if len(names) == 1 else f"{worker} ({len(names)} configs)")
-        out, _ = run_worker(worker, names, profile, timeout, pythons[worker], overrides)
+        out, _ = run_worker(worker, names, profile, worker_timeout, pythons[worker], overrides)
         results.update(out)
         for name in names:
             line = f"{name:<32} {report.one_line(out[name])}"

@@ -12,7 +12,6 @@ from jaxlora._paths import PyTree, map_with_paths
 from jaxlora.config import LoraConfig
 from jaxlora.plan import LeafPlan, plan
 
-
 # Up to this rank, s·A B is summed as rank-one outer products inside one element-wise loop that XLA fuses
 # with the add: W is read and written once, on every core, and A B never exists on its own. A GEMM with an
 # inner dimension this thin is slower than that loop (GPT-2 small's 48 kernels at r=16, CPU: 0.22 s vs
