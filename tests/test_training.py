@@ -116,3 +116,28 @@ def test_labels_cover_every_leaf_and_agree_with_partition():
     flat = dict(jax.tree_util.tree_flatten_with_path(labels)[0])
     trainable_paths = {kp for kp, _ in jax.tree_util.tree_flatten_with_path(trainable)[0]}
     assert {kp for kp, label in flat.items() if label == "trainable"} == trainable_paths
+
+
+def test_merging_inside_a_differentiated_step_needs_a_few_kernels_of_scratch_not_one_per_rank():
+    # merge sums rank-one products in one pass; its gradient must still be two GEMMs, not r kernel-sized terms
+    model = MLP((512, 512))
+    x = jax.random.normal(jax.random.key(0), (8, 512))
+    params = model.init(jax.random.key(1), x)["params"]
+    config = jaxlora.LoraConfig(rank=16, alpha=16.0, targets=("linear1/kernel",))
+    _, adapters = jaxlora.init(jax.random.key(2), params, config)
+
+    def loss(adapters, params):
+        return jnp.sum(jaxlora.apply(model, {"params": params}, adapters, config, x, mode="merged") ** 2)
+
+    grads = jax.grad(loss)(adapters, params)
+    pair = adapters["linear1"]["kernel"]
+    g = jax.grad(
+        lambda w: loss(
+            jax.tree.map(jnp.zeros_like, adapters), {**params, "linear1": {**params["linear1"], "kernel": w}}
+        )
+    )(params["linear1"]["kernel"] + pair["lora_a"] @ pair["lora_b"])
+    np.testing.assert_allclose(grads["linear1"]["kernel"]["lora_b"], pair["lora_a"].T @ g, rtol=1e-4, atol=1e-4)
+    stats = jax.jit(jax.grad(loss)).lower(adapters, params).compile().memory_analysis()
+    if stats is None:  # some backends do not report
+        return
+    assert stats.temp_size_in_bytes < 4 * 512 * 512 * 4, stats
