@@ -26,6 +26,9 @@ def load_example(name: str):
     import importlib.util
     import sys
 
+    examples = str(REPO / "examples")
+    if examples not in sys.path:  # as when run as a script: its sibling modules (mnist_data, ...) import
+        sys.path.insert(0, examples)
     spec = importlib.util.spec_from_file_location(f"{name}_example", REPO / "examples" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module

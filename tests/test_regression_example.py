@@ -20,13 +20,6 @@ def facts(example, tmp_path_factory):
     return example.run(example.parse_args(["--quick", "--out", str(out)]))
 
 
-def test_help(example, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        example.parse_args(["--help"])
-    assert exit_info.value.code == 0
-    assert "--quick" in capsys.readouterr().out
-
-
 def test_pretraining_fits_and_the_shift_costs_about_d_in(facts):
     d_in = facts["sizes"]["d_in"]
     assert facts["pretrain_loss"] < 0.05

@@ -24,13 +24,6 @@ def facts(example, tmp_path_factory):
     return example.run(example.parse_args(["--quick", "--out", str(out)]))
 
 
-def test_help(example, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        example.parse_args(["--help"])
-    assert exit_info.value.code == 0
-    assert "--quick" in capsys.readouterr().out
-
-
 def test_full_size_counts_match_the_walkthrough(example):
     # shapes only (jax.eval_shape): the published numbers 442,602 / 12,660 of 455,262 / 13,062
     model = example.MLP(example.FULL.hidden)
