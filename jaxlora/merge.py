@@ -53,11 +53,6 @@ def _scaled_product(a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
     return _matrix_product(a, b, scale).reshape(shape)
 
 
-def delta(pair: dict[str, jax.Array], leaf: LeafPlan) -> jax.Array:
-    """The update s·A B of one leaf in float32, shaped like W."""
-    return _scaled_product(pair["lora_a"], pair["lora_b"], leaf.scale)
-
-
 @functools.partial(jax.jit, static_argnames=("scale", "dtype"))
 def _added(weight: jax.Array, a: jax.Array, b: jax.Array, scale: float, dtype: Any) -> tuple[jax.Array, jax.Array]:
     """`W + scale·A B` cast to `dtype`, and whether it is all finite: one compiled pass, also when called eagerly."""
