@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import itertools
+import math
 import os
 import platform
 import resource
@@ -208,6 +209,19 @@ def time_steps(
         spent += elapsed
         samples.append(elapsed / steps)
     return summarize(samples)
+
+
+def throughput(timing: dict[str, Any], model_flops: float) -> dict[str, Any]:
+    """The timing with the model FLOPs it covers and the GFLOP/s they make at the median."""
+    return {"step_s": timing, "model_gflop": model_flops / 1e9, "gflops": model_flops / timing["median"] / 1e9}
+
+
+def finite_losses(losses: list[Any]) -> list[float]:
+    """The losses as floats; a diverged run raises instead of being timed as if it were fine."""
+    values = [float(v) for v in losses]
+    if not all(math.isfinite(v) for v in values):
+        raise FloatingPointError(f"non-finite training loss: {values}")
+    return values
 
 
 def peak_rss_mb() -> float:

@@ -98,16 +98,11 @@ def _train_result(
         return new_state, loss
 
     timing = common.time_steps(one, _block, warmup=profile.warmup, steps=steps, repeats=repeats)
-    loss_values = [float(v) for v in losses]
-    if not all(math.isfinite(v) for v in loss_values):
-        raise FloatingPointError(f"non-finite training loss: {loss_values}")
     return {
-        "step_s": timing,
+        **common.throughput(timing, model_flops),
         "compile_s": compile_s,
-        "model_gflop": model_flops / 1e9,
         "xla_gflop": None if xla_flops is None else xla_flops / 1e9,
-        "gflops": model_flops / timing["median"] / 1e9,
-        "losses": loss_values,
+        "losses": common.finite_losses(losses),
         "compile_split": dict(COMPILE_SPLIT),
         "peak_rss_before_compile_mb": rss_before_compile,
         "peak_rss_after_compile_mb": rss_after_compile,
@@ -295,11 +290,9 @@ def gpt2_infer(kind: str) -> Callable[[Profile], dict[str, Any]]:
             lambda: compiled(*args), _block, warmup=max(profile.warmup, 1), steps=profile.steps, repeats=profile.repeats
         )
         return {
-            "step_s": timing,
+            **common.throughput(timing, flops),
             "compile_s": compile_s,
-            "model_gflop": flops / 1e9,
             "xla_gflop": None if xla_flops is None else xla_flops / 1e9,
-            "gflops": flops / timing["median"] / 1e9,
             **extra,
         }
 

@@ -8,7 +8,6 @@ Same shapes, loss and AdamW hyperparameters as the jax worker; `torch.set_num_th
 from __future__ import annotations
 
 import itertools
-import math
 import shutil
 import tempfile
 import time
@@ -94,15 +93,10 @@ def _train_result(
         note = "one step timed (the first): slower than the time budget"
     else:
         timing = common.time_steps(one, _no_sync, warmup=max(profile.warmup - 1, 0), steps=steps, repeats=repeats)
-    loss_values = [float(v) for v in losses]
-    if not all(math.isfinite(v) for v in loss_values):
-        raise FloatingPointError(f"non-finite training loss: {loss_values}")
     return {
-        "step_s": timing,
+        **common.throughput(timing, model_flops),
         "first_step_s": first_step_s,
-        "model_gflop": model_flops / 1e9,
-        "gflops": model_flops / timing["median"] / 1e9,
-        "losses": loss_values,
+        "losses": common.finite_losses(losses),
         "threads": torch.get_num_threads(),
         "timing_note": note,
     }
@@ -232,10 +226,8 @@ def gpt2_infer(kind: str) -> Callable[[Profile], dict[str, Any]]:
             forward, _no_sync, warmup=profile.warmup, steps=profile.steps, repeats=profile.repeats
         )
         return {
-            "step_s": timing,
+            **common.throughput(timing, flops),
             "first_step_s": first_s,
-            "model_gflop": flops / 1e9,
-            "gflops": flops / timing["median"] / 1e9,
             "threads": torch.get_num_threads(),
             **extra,
         }
