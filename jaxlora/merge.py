@@ -19,44 +19,45 @@ from jaxlora.plan import LeafPlan, plan
 _OUTER_PRODUCT_MAX_RANK = 16
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _matrix_product(a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
-    """scale·A B for A (m, r) and B (r, n): summed outer products at low rank, else a GEMM."""
+@jax.custom_vjp
+def _matrix_product(a: jax.Array, b: jax.Array) -> jax.Array:
+    """A B for A (m, r) and B (r, n): summed outer products at low rank, else a GEMM."""
     if a.shape[1] > _OUTER_PRODUCT_MAX_RANK:
-        return scale * (a @ b)
+        return a @ b
     product = a[:, :1] * b[:1]
     for k in range(1, a.shape[1]):
         product = product + a[:, k : k + 1] * b[k : k + 1]
-    return scale * product
+    return product
 
 
-def _matrix_product_fwd(a, b, scale):
-    return _matrix_product(a, b, scale), (a, b)
+def _matrix_product_fwd(a, b):
+    return _matrix_product(a, b), (a, b)
 
 
-def _matrix_product_bwd(scale, residuals, g):
-    # GEMMs, as autodiff of scale·(A @ B) would give; differentiating the summed outer products instead
-    # would build r weight-sized terms (merging inside a jitted training step: 13 GB instead of 2.4 GB).
+def _matrix_product_bwd(residuals, g):
+    # GEMMs, as autodiff of A @ B would give; differentiating the summed outer products instead would
+    # build r weight-sized terms (merging inside a jitted training step: 13 GB instead of 2.4 GB).
     a, b = residuals
-    return scale * (g @ b.T), scale * (a.T @ g)
+    return g @ b.T, a.T @ g
 
 
 _matrix_product.defvjp(_matrix_product_fwd, _matrix_product_bwd)
 
 
-def _scaled_product(a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+def _scaled_product(a: jax.Array, b: jax.Array, scale: float | jax.Array) -> jax.Array:
     """scale·A B in float32 for A (..., r) and B (r, ...), shaped (A's leading axes, B's trailing axes)."""
     shape = (*a.shape[:-1], *b.shape[1:])
     rank = a.shape[-1]
     a = jnp.asarray(a, jnp.float32).reshape(-1, rank)
     b = jnp.asarray(b, jnp.float32).reshape(rank, -1)
-    return _matrix_product(a, b, scale).reshape(shape)
+    return (scale * _matrix_product(a, b)).reshape(shape)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "dtype"))
+@functools.partial(jax.jit, static_argnames="dtype")
 def _added(weight: jax.Array, a: jax.Array, b: jax.Array, scale: float, dtype: Any) -> tuple[jax.Array, jax.Array]:
-    """`W + scale·A B` cast to `dtype`, and whether it is all finite: one compiled pass, also when called eagerly."""
-    out = jnp.asarray(weight, jnp.float32) + _scaled_product(a, b, scale)
+    """`W + scale·A B` cast to `dtype`, and whether it is all finite: one compiled pass, also when called eagerly
+    (compiled once per shape and dtype; the scale is an argument, so rank and alpha patterns add no compiles)."""
+    out = jnp.asarray(weight, jnp.float32) + _scaled_product(a, b, jnp.float32(scale))
     return out.astype(dtype), jnp.isfinite(out).all()
 
 
