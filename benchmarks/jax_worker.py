@@ -185,7 +185,11 @@ def _lora_step(model: nn.Module, cfg: jaxlora.LoraConfig, tx: optax.GradientTran
     def step(trainable, opt_state, frozen, x, y):
         def loss_fn(trainable):
             params, adapters = jaxlora.combine(trainable, frozen)
-            return _cross_entropy(jaxlora.apply(model, {"params": params}, adapters, cfg, x, mode=mode), y)
+            if mode == "merged":  # W + s·A B formed inside the step, for any model
+                logits = model.apply({"params": jaxlora.merge(params, adapters, cfg)}, x)
+            else:
+                logits = jaxlora.apply(model, {"params": params}, adapters, cfg, x)
+            return _cross_entropy(logits, y)
 
         loss, grads = jax.value_and_grad(loss_fn)(trainable)
         updates, opt_state = tx.update(grads, opt_state, trainable)
@@ -311,7 +315,7 @@ def _save_adapter_files(trainable: dict, adapters: dict, cfg: jaxlora.LoraConfig
     import orbax.checkpoint as ocp
     from safetensors.numpy import save_file
 
-    from jaxlora._paths import leaves_with_paths
+    from jaxlora._src.paths import leaves_with_paths
 
     sizes: dict[str, Any] = {}
     saved = {"lora": adapters, "head": trainable["params"]["head"]}
@@ -342,7 +346,7 @@ def _jaxlora_writers(root: Path, params: dict, adapters: dict, cfg: jaxlora.Lora
         out["jaxlora_checkpoint_bytes"] = f"not measured: {type(err).__name__}: {err}"
     try:
         from jaxlora.models.gpt2 import PEFT_NAME_MAP
-        from jaxlora.peft import save_peft
+        from jaxlora.peft_format import save_peft
 
         directory = save_peft(root / "peft", params, adapters, cfg, name_map=PEFT_NAME_MAP, task_type="SEQ_CLS")
         out["jaxlora_peft_bytes"] = _dir_bytes(Path(directory))

@@ -319,7 +319,8 @@ def make_steps(model: GPT2Classifier, config: jaxlora.LoraConfig, tx: optax.Grad
 
     def logits_fn(trainable, frozen, ids, lengths, dropout_rng=None):
         params, adapters = jaxlora.combine(trainable, frozen)
-        return jaxlora.apply(model, {"params": params}, adapters, config, ids, lengths, dropout_rng=dropout_rng)
+        rngs = None if dropout_rng is None else {jaxlora.DROPOUT_RNG: dropout_rng}
+        return jaxlora.apply(model, {"params": params}, adapters, config, ids, lengths, rngs=rngs)
 
     @jax.jit
     def train_step(trainable, frozen, opt_state, ids, lengths, labels, key):
@@ -496,14 +497,14 @@ def save_and_check(args, model, params, adapters, config, head, test: spam_data.
     """Save adapter + head with jaxlora.checkpoint, reload onto the base, and compare logits."""
     directory = jaxlora.checkpoint.save_adapter(args.out / "adapter", params, adapters, config, overwrite=True)
     base = {**params, "head": head}  # the base as a user re-creates it: the trained head comes from the checkpoint
-    restored_params, restored_adapters, restored_config = jaxlora.checkpoint.load_adapter(directory, base)
+    restored_params, restored_adapters, restored_plan = jaxlora.checkpoint.load_adapter(directory, base)
     probe = _cut(test, np.arange(min(16, len(test))))
 
     def logits(config):
         return jax.jit(lambda p, a: jaxlora.apply(model, {"params": p}, a, config, probe.ids, probe.lengths))
 
     before = logits(config)(params, adapters)
-    after = logits(restored_config)(restored_params, restored_adapters)
+    after = logits(restored_plan)(restored_params, restored_adapters)
     same = bool(np.allclose(np.asarray(before), np.asarray(after), atol=1e-6))
     print(f"Saved the adapter and head to {directory}; reloading it reproduces the logits: {same}.")
     return same

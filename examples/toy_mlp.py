@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 import jaxlora
 from jaxlora import analysis
 from jaxlora import checkpoint as lora_checkpoint
-from jaxlora import peft as lora_peft
+from jaxlora import peft_format as lora_peft
 
 Params = Any
 

@@ -1,19 +1,33 @@
-"""jaxlora: LoRA as a pure transform over Flax parameter pytrees."""
+"""jaxlora: LoRA as a pure transform over Flax parameter pytrees.
 
-from jaxlora import analysis, checkpoint, name_maps, peft
-from jaxlora.config import ALL_EMBEDDINGS, ALL_KERNELS, LoraConfig
-from jaxlora.factored import apply
-from jaxlora.init import init
-from jaxlora.merge import merge, unmerge
-from jaxlora.partition import combine, count_params, labels, optimizer, partition
-from jaxlora.plan import LeafPlan, Plan, plan, summary
-from jaxlora.sharding import adapter_shardings, adapter_specs
+The public face; the implementation lives in `jaxlora._src`. Build a `Plan` once with `plan(params, config)` and
+hand it to the other functions.
+"""
 
-__version__ = "0.1.0"
+import warnings as _warnings
+
+from jaxlora import analysis, checkpoint, layers, name_maps, peft_format
+from jaxlora._src.builtin_layers import register_builtin_layers as _register_builtin_layers
+from jaxlora._src.config import ALL_EMBEDDINGS, ALL_KERNELS, LoraConfig
+from jaxlora._src.immutable import FrozenMapping
+from jaxlora._src.initializers import init
+from jaxlora._src.interception import DROPOUT_RNG, apply, apply_fn
+from jaxlora._src.layer_kinds import register_layer, unregister_layer
+from jaxlora._src.linear import lora_linear
+from jaxlora._src.merging import merge, unmerge
+from jaxlora._src.partitioning import combine, count_params, labels, optimizer, partition
+from jaxlora._src.planning import LeafPlan, Plan, plan, summary
+from jaxlora._src.sharding import adapter_shardings, adapter_specs
+
+_register_builtin_layers()
+
+__version__ = "0.2.0"
 
 __all__ = [
     "ALL_EMBEDDINGS",
     "ALL_KERNELS",
+    "DROPOUT_RNG",
+    "FrozenMapping",
     "LeafPlan",
     "LoraConfig",
     "Plan",
@@ -21,17 +35,33 @@ __all__ = [
     "adapter_specs",
     "analysis",
     "apply",
+    "apply_fn",
     "checkpoint",
     "combine",
     "count_params",
     "init",
     "labels",
+    "layers",
+    "lora_linear",
     "merge",
     "name_maps",
     "optimizer",
     "partition",
-    "peft",
+    "peft_format",
     "plan",
+    "register_layer",
     "summary",
     "unmerge",
+    "unregister_layer",
 ]
+
+
+def __getattr__(name: str):
+    if name == "peft":  # jaxlora 0.1's name, which shadowed the `peft` package in users' namespaces
+        _warnings.warn(
+            "jaxlora.peft is now jaxlora.peft_format (the old name clashed with the `peft` package)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return peft_format
+    raise AttributeError(f"module 'jaxlora' has no attribute {name!r}")

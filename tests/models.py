@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+import jaxlora
+
 
 class MLP(nn.Module):
     """Dense layers with ReLU between them, named linear1, linear2, ..."""
@@ -35,3 +37,16 @@ class Zoo(nn.Module):
         x = nn.Einsum((12, 10), "btd,de->bte", name="einsum")(x)
         x = nn.Conv(12, kernel_size=(3,), padding="SAME", name="conv")(x)
         return embed.attend(x)
+
+
+def apply_merged(model, params, adapters, plan, *args, **kwargs):
+    """The model applied to the merged params (W + s·A B formed): what the factored path must equal."""
+    return model.apply({"params": jaxlora.merge(params, adapters, plan)}, *args, **kwargs)
+
+
+def apply_in_mode(mode, model, variables, adapters, plan, *args, **kwargs):
+    """`jaxlora.apply` ("factored") or `apply_merged` ("merged") with the same arguments."""
+    if mode == "merged":
+        return apply_merged(model, variables["params"], adapters, plan, *args, **kwargs)
+    assert mode == "factored", mode
+    return jaxlora.apply(model, variables, adapters, plan, *args, **kwargs)

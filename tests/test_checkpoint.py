@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from models import MLP
 
@@ -72,10 +73,10 @@ def test_round_trip_in_a_fresh_process(tmp_path):
         from models import MLP
         model = MLP((2000, 200, 2))
         base = model.init(jax.random.key(0), jnp.zeros((1, 20)))["params"]  # the untrained base, rebuilt
-        params, adapters, config = checkpoint.load_adapter(sys.argv[1] + "/adapter", base)
+        params, adapters, plan = checkpoint.load_adapter(sys.argv[1] + "/adapter", base)
         x = np.load(sys.argv[1] + "/x.npy")
-        np.save(sys.argv[1] + "/y.npy", np.asarray(jaxlora.apply(model, {"params": params}, adapters, config, x)))
-        print(config.to_json())
+        np.save(sys.argv[1] + "/y.npy", np.asarray(jaxlora.apply(model, {"params": params}, adapters, plan, x)))
+        print(plan.config.to_json())
         """,
         str(tmp_path),
     )
@@ -91,8 +92,8 @@ def test_round_trip_is_exact_and_keeps_dtypes(tmp_path):
     adapters["linear2"]["kernel"]["lora_b"] = adapters["linear2"]["kernel"]["lora_b"].astype(jnp.bfloat16)
     path = checkpoint.save_adapter(tmp_path / "a", trained, adapters, CONFIG)
     assert path == (tmp_path / "a").absolute()
-    params, restored, config = checkpoint.load_adapter(path, base)
-    assert config == CONFIG
+    params, restored, plan = checkpoint.load_adapter(path, base)
+    assert plan.config == CONFIG and plan == jaxlora.plan(base, CONFIG)
     _assert_trees_equal(restored, adapters)
     _assert_trees_equal(params, trained)
 
@@ -186,8 +187,8 @@ def test_unknown_config_keys_from_a_newer_version_warn(tmp_path):
     checkpoint.save_adapter(tmp_path / "a", trained, adapters, CONFIG)
     _edit_meta(tmp_path / "a", lambda meta: meta["config"].update(future_knob=3))
     with pytest.warns(UserWarning, match=re.escape("LoraConfig: ignoring unknown keys ['future_knob']")):
-        _, restored, config = checkpoint.load_adapter(tmp_path / "a", base)
-    assert config == CONFIG
+        _, restored, plan = checkpoint.load_adapter(tmp_path / "a", base)
+    assert plan.config == CONFIG
     _assert_trees_equal(restored, adapters)
 
 
@@ -248,13 +249,13 @@ def test_invalid_input_writes_nothing(tmp_path):
 def test_failure_while_writing_leaves_nothing_and_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     _, base, trained, adapters = _setup()
     checkpoint.save_adapter(tmp_path / "a", trained, adapters, CONFIG)
-    original_save = checkpoint.ocp.Checkpointer.save
+    original_save = ocp.Checkpointer.save
 
     def save_then_fail(self, directory, *args, **kwargs):
         original_save(self, directory, *args, **kwargs)  # everything written ...
         raise OSError("disk full")  # ... and then the save fails anyway
 
-    monkeypatch.setattr(checkpoint.ocp.Checkpointer, "save", save_then_fail)
+    monkeypatch.setattr(ocp.Checkpointer, "save", save_then_fail)
     with pytest.raises(OSError, match="disk full"):
         checkpoint.save_adapter(
             tmp_path / "a", trained, jax.tree.map(lambda x: x * 2, adapters), CONFIG, overwrite=True
@@ -341,10 +342,10 @@ def test_killed_adapter_save_leaves_the_previous_checkpoint(tmp_path):
     assert any(p.name.startswith(".ckpt.tmp-") for p in tmp_path.iterdir())  # the half-written save is there
     model = MLP((4000, 200, 2))
     base = model.init(jax.random.key(0), jnp.zeros((1, 6000)))["params"]
-    params, adapters, config = checkpoint.load_adapter(tmp_path / "ckpt", base)
+    params, adapters, plan = checkpoint.load_adapter(tmp_path / "ckpt", base)
     np.testing.assert_array_equal(np.asarray(adapters["linear2"]["kernel"]["lora_b"]), 1.0)  # the first save
     _assert_trees_equal(params, base)
-    checkpoint.save_adapter(tmp_path / "ckpt", base, adapters, config, include_saved=False, overwrite=True)
+    checkpoint.save_adapter(tmp_path / "ckpt", base, adapters, plan, include_saved=False, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # the next save cleans up
 
 
@@ -421,8 +422,8 @@ def test_resume_training_matches_an_uninterrupted_run(tmp_path):
     manager = checkpoint.checkpoint_manager(tmp_path / "run", max_to_keep=2)
     fresh_trainable, _ = jaxlora.partition(*jaxlora.init(jax.random.key(9), base, config), config)
     state = checkpoint.restore_training(manager, base, jax.eval_shape(tx.init, fresh_trainable))
-    assert state.step == 4 and state.config == config
-    trainable2, frozen2 = jaxlora.partition(state.params, state.adapters, state.config)
+    assert state.step == 4 and state.config == config and state.plan.config == config
+    trainable2, frozen2 = jaxlora.partition(state.params, state.adapters, state.plan)
     resumed, _ = _train(model, trainable2, frozen2, state.opt_state, tx, config, 3, 5)
     for x, y in zip(jax.tree.leaves(resumed), jax.tree.leaves(uninterrupted), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)

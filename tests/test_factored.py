@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from models import MLP, Zoo
+from models import MLP, Zoo, apply_in_mode, apply_merged
 
 import jaxlora
 
@@ -42,8 +42,8 @@ def test_every_layer_kind_is_served_factored_and_matches_merged():
     adapters = _randomize(adapters)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # any adapter left unserved would warn
-        factored = jaxlora.apply(model, {"params": params}, adapters, ZOO_CONFIG, tokens, strict=True)
-    merged = jaxlora.apply(model, {"params": params}, adapters, ZOO_CONFIG, tokens, mode="merged")
+        factored = jaxlora.apply_fn(model, ZOO_CONFIG, strict=True)({"params": params}, adapters, tokens)
+    merged = apply_merged(model, params, adapters, ZOO_CONFIG, tokens)
     base = model.apply({"params": params}, tokens)
     assert float(jnp.abs(merged - base).max()) > 1e-2  # the adapters really change the output
     np.testing.assert_allclose(factored, merged, rtol=1e-5, atol=1e-5)
@@ -63,10 +63,10 @@ def test_unservable_adapter_is_reported_and_merged_or_refused_when_strict():
     adapters = _randomize(adapters)
     with pytest.warns(UserWarning, match=r"\['heads/kernel'\] are not consumed"):
         out = jaxlora.apply(model, {"params": params}, adapters, config, tokens)
-    merged = jaxlora.apply(model, {"params": params}, adapters, config, tokens, mode="merged")
+    merged = apply_merged(model, params, adapters, config, tokens)
     np.testing.assert_allclose(out, merged, rtol=1e-6, atol=1e-6)
-    with pytest.raises(ValueError, match=r"heads/kernel.*use mode='merged'"):
-        jaxlora.apply(model, {"params": params}, adapters, config, tokens, strict=True)
+    with pytest.raises(ValueError, match=r"heads/kernel.*register_layer"):
+        jaxlora.apply_fn(model, config, strict=True)({"params": params}, adapters, tokens)
 
 
 def test_gradients_of_the_hand_written_backward_equal_autodiff_of_the_merged_model():
@@ -80,7 +80,7 @@ def test_gradients_of_the_hand_written_backward_equal_autodiff_of_the_merged_mod
 
     def loss(trainable, x, mode):
         p, a = jaxlora.combine(trainable, frozen)
-        return jnp.sum(jnp.sin(jaxlora.apply(model, {"params": p}, a, config, x, mode=mode)))
+        return jnp.sum(jnp.sin(apply_in_mode(mode, model, {"params": p}, a, config, x)))
 
     g_fac, gx_fac = jax.grad(loss, argnums=(0, 1))(trainable, x, "factored")
     g_mer, gx_mer = jax.grad(loss, argnums=(0, 1))(trainable, x, "merged")
@@ -96,7 +96,7 @@ def test_full_fine_tuning_gradients_through_the_fast_dense_equal_plain_autodiff(
     _, adapters = jaxlora.init(jax.random.key(2), params, config)
 
     def loss(params, fast):
-        return jnp.sum(jaxlora.apply(model, {"params": params}, adapters, config, x, fast_dense=fast) ** 2)
+        return jnp.sum(jaxlora.apply_fn(model, config, fast_dense=fast)({"params": params}, adapters, x) ** 2)
 
     fast, plain = jax.grad(loss)(params, True), jax.grad(loss)(params, False)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), fast, plain)
@@ -109,9 +109,11 @@ def test_dropout_acts_only_with_a_key_and_is_deterministic_per_key():
     config = jaxlora.LoraConfig(rank=2, alpha=2.0, dropout=0.5)
     _, adapters = jaxlora.init(jax.random.key(2), params, config)
     adapters = _randomize(adapters)
-    run = lambda rng: jaxlora.apply(model, {"params": params}, adapters, config, x, dropout_rng=rng)
-    no_dropout = run(None)
-    merged = jaxlora.apply(model, {"params": params}, adapters, config, x, mode="merged")
+    run = lambda rng: jaxlora.apply(
+        model, {"params": params}, adapters, config, x, rngs={"lora_dropout": rng} if rng is not None else None
+    )
+    no_dropout = jaxlora.apply(model, {"params": params}, adapters, config, x)
+    merged = apply_merged(model, params, adapters, config, x)
     np.testing.assert_allclose(no_dropout, merged, rtol=1e-5, atol=1e-6)
     k1, k2 = jax.random.key(10), jax.random.key(11)
     np.testing.assert_array_equal(run(k1), run(k1))
@@ -156,5 +158,5 @@ def test_kernels_stacked_by_scan_fall_back_to_merging_instead_of_failing():
     adapters = _randomize(adapters)
     with pytest.warns(UserWarning, match="not consumed"):
         out = jaxlora.apply(model, {"params": params}, adapters, config, x)
-    merged = jaxlora.apply(model, {"params": params}, adapters, config, x, mode="merged")
+    merged = apply_merged(model, params, adapters, config, x)
     np.testing.assert_allclose(out, merged, rtol=1e-6, atol=1e-6)

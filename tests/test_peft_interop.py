@@ -18,7 +18,7 @@ from models import MLP, Zoo
 
 import jaxlora
 from jaxlora import name_maps
-from jaxlora.peft import load_peft, save_peft
+from jaxlora.peft_format import load_peft, save_peft
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -154,7 +154,8 @@ def test_mlp_peft_to_jax_through_a_sequential_name_map(tmp_path):
     want = peft_model.eval()(torch.tensor(_x())).detach().numpy()
 
     name_map = name_maps.sequential(["linear1", "linear2", "linear3"])
-    params, adapters, config = load_peft(tmp_path / "adapter", base, name_map=name_map)
+    params, adapters, plan = load_peft(tmp_path / "adapter", base, name_map=name_map)
+    config = plan.config
     assert jax.tree.map(np.shape, adapters) == {
         "linear1": {"kernel": {"lora_a": (10, 4), "lora_b": (4, 16)}},
         "linear2": {"kernel": {"lora_a": (16, 2), "lora_b": (2, 8)}},
@@ -186,7 +187,7 @@ def test_n_dimensional_kernels_round_trip(tmp_path):
     assert shapes["base_model.model.heads.lora_B.weight"] == (12, 2)  # (out = 3·4, r)
     assert shapes["base_model.model.embed.lora_embedding_A"] == (2, 32)  # (r, num)
     params, restored, again = load_peft(tmp_path / "zoo", base)
-    assert again.fan_in_ndim == {r"heads/kernel": 1}
+    assert again.config.fan_in_ndim == {r"heads/kernel": 1}
     jax.tree.map(np.testing.assert_array_equal, restored, adapters)
     np.testing.assert_allclose(
         model.apply({"params": jaxlora.merge(params, restored, again)}, tokens),
@@ -246,7 +247,7 @@ def test_names_that_suffix_other_modules(tmp_path, caplog, targets, rank_pattern
     np.testing.assert_allclose(got, model.apply({"params": jaxlora.merge(base, adapters, config)}, x), atol=ATOL)
     _, restored, again = load_peft(tmp_path / "a", base)
     jax.tree.map(np.testing.assert_array_equal, restored, adapters)
-    assert again.rank_for("fc/kernel") == config.rank_for("fc/kernel")
+    assert again.config.rank_for("fc/kernel") == config.rank_for("fc/kernel")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -339,7 +340,8 @@ def test_gpt2_peft_to_jax(tmp_path, gpt2):
     with torch.no_grad():
         want = peft_model.eval()(input_ids=torch.tensor(_tokens())).logits.numpy()
 
-    params, adapters, config = load_peft(tmp_path / "adapter", base, name_map=gpt2_lib.PEFT_NAME_MAP)
+    params, adapters, plan = load_peft(tmp_path / "adapter", base, name_map=gpt2_lib.PEFT_NAME_MAP)
+    config = plan.config
     assert config.use_rslora and config.scale_for("h_1/attn/c_attn/kernel") == 5 / 2
     assert config.scale_for("h_0/mlp/c_fc/kernel") == 16 / np.sqrt(2)
     got = model.apply({"params": jaxlora.merge(params, adapters, config)}, _tokens())

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from models import MLP
+from models import MLP, apply_in_mode, apply_merged
 
 import jaxlora
 
@@ -26,7 +26,7 @@ def _setup(mode):
     def step(trainable, frozen, opt_state, x, y):
         def loss_fn(trainable):
             p, a = jaxlora.combine(trainable, frozen)
-            logits = jaxlora.apply(model, {"params": p}, a, config, x, mode=mode)
+            logits = apply_in_mode(mode, model, {"params": p}, a, config, x)
             return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
         loss, grads = jax.value_and_grad(loss_fn)(trainable)
@@ -127,7 +127,7 @@ def test_merging_inside_a_differentiated_step_needs_a_few_kernels_of_scratch_not
     _, adapters = jaxlora.init(jax.random.key(2), params, config)
 
     def loss(adapters, params):
-        return jnp.sum(jaxlora.apply(model, {"params": params}, adapters, config, x, mode="merged") ** 2)
+        return jnp.sum(apply_merged(model, params, adapters, config, x) ** 2)
 
     grads = jax.grad(loss)(adapters, params)
     pair = adapters["linear1"]["kernel"]

@@ -25,7 +25,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlora.name_maps import ModuleName
+from jaxlora._src.name_maps import ModuleName, torch_module, torch_param
+from jaxlora._src.safetensors_io import read_tensors
 
 Params = dict[str, Any]
 
@@ -319,25 +320,24 @@ PEFT_NAME_MAP: tuple[ModuleName, ...] = (
     ModuleName(r"head", "score", "linear"),  # GPT2ForSequenceClassification's head
 )
 
-_TORCH_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
-
 
 def torch_module_name(module_path: str) -> tuple[str, str]:
     """Torch module name and layout for one of our module paths, e.g. "h_0/attn/c_attn" -> ("transformer.h.0...")."""
-    for row in PEFT_NAME_MAP:
-        if re.fullmatch(row.pattern, module_path):
-            return re.sub(row.pattern, row.module, module_path), row.layout
-    raise KeyError(
-        f"No torch name for GPT-2 module {module_path!r}; known patterns: {[r.pattern for r in PEFT_NAME_MAP]}"
-    )
+    if not any(re.fullmatch(row.pattern, module_path) for row in PEFT_NAME_MAP):
+        raise KeyError(
+            f"No torch name for GPT-2 module {module_path!r}; known patterns: {[r.pattern for r in PEFT_NAME_MAP]}"
+        )
+    return torch_module(module_path, "kernel", PEFT_NAME_MAP)
 
 
 def torch_param_name(param_path: str) -> str:
     """Torch state-dict key of one of our "/"-joined parameter paths: "ln_f/scale" -> "transformer.ln_f.weight"."""
     module_path, _, leaf = param_path.rpartition("/")
-    if leaf not in _TORCH_LEAF:
-        raise KeyError(f"Unknown GPT-2 parameter leaf {leaf!r} in {param_path!r}.")
-    return f"{torch_module_name(module_path)[0]}.{_TORCH_LEAF[leaf]}"
+    name, layout = torch_module_name(module_path)
+    try:
+        return f"{name}.{torch_param(leaf, layout)}"
+    except ValueError:
+        raise KeyError(f"Unknown GPT-2 parameter leaf {leaf!r} in {param_path!r}.") from None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -346,8 +346,8 @@ def torch_param_name(param_path: str) -> str:
 
 _BUFFERS = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")  # causal-mask buffers in older checkpoints
 _NO_WEIGHTS_HINT = (
-    "Pass --weights PATH with a GPT-2 model.safetensors file (or a directory holding one), "
-    "or use the example's offline mode (--offline-pretrain), which pretrains a small GPT-2 itself."
+    "Give the path of a GPT-2 model.safetensors file (or of a directory holding one), or a Hugging Face hub id "
+    "such as 'openai-community/gpt2' on a machine that is online."
 )
 
 
@@ -401,20 +401,6 @@ def config_from_hf(path_or_repo: str | os.PathLike) -> GPT2Config:
     return GPT2Config.from_hf_dict(json.loads(config_path.read_text()))
 
 
-def _read_tensors(files: Sequence[Path]) -> dict[str, np.ndarray]:
-    from safetensors import safe_open
-
-    tensors: dict[str, np.ndarray] = {}
-    for file in files:
-        try:
-            with safe_open(str(file), framework="flax") as handle:
-                for key in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
-                    tensors[key] = handle.get_tensor(key)
-        except Exception as err:
-            raise ValueError(f"Could not read {file} as a safetensors file: {err}") from err
-    return tensors
-
-
 def _strip_prefix(tensors: Mapping[str, Any]) -> dict[str, Any]:
     """Accept GPT2LMHeadModel keys ("transformer.h.0...") and GPT2Model keys ("h.0...") alike."""
     out = {}
@@ -464,7 +450,7 @@ def load_hf_weights(
     themselves. Causal-mask buffers are ignored; a tied ``lm_head.weight`` is checked and dropped.
     """
     files, config_path = _weight_files(path_or_repo)
-    tensors = _strip_prefix(_read_tensors(files))
+    tensors = _strip_prefix(read_tensors(files))
     if config is None and config_path is not None:
         config = GPT2Config.from_hf_dict(json.loads(config_path.read_text()))
     config = config or _infer_config(tensors)

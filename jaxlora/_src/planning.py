@@ -1,4 +1,8 @@
-"""Resolving a config against a parameter tree: which leaves get adapters, of what shape and scale."""
+"""Resolving a config against a parameter tree, once: which leaves get adapters, of what shape and scale.
+
+The resolved `Plan` is the object every other function takes: built once from params (or `jax.eval_shape`
+output) and a config, immutable and hashable, and checked cheaply against the params it is used with.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +12,13 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlora._paths import PyTree, flatten_adapters, leaves_with_paths
-from jaxlora.config import LoraConfig, _first_match
+from jaxlora._src.config import LoraConfig, _first_match
+from jaxlora._src.immutable import FrozenMapping
+from jaxlora._src.paths import PyTree, flatten_adapters, leaves_with_paths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,11 +56,41 @@ class LeafPlan:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """The resolved selection: adapted leaves, leaves trained in full, and every leaf's shape."""
+    """A config resolved against one parameter tree: adapted leaves, leaves trained in full, every leaf's spec.
 
-    leaves: dict[str, LeafPlan]
+    Build it with `jaxlora.plan(params, config)` and hand it to `init`, `apply`, `merge`, `partition`,
+    `optimizer`, the shardings and the checkpoints, which then resolve nothing again. It is immutable and
+    hashable (a valid static argument of `jax.jit`); `check_params` refuses params it was not built for.
+    """
+
+    config: LoraConfig
+    leaves: FrozenMapping[str, LeafPlan]
     saved: tuple[str, ...]
-    shapes: dict[str, tuple[int, ...]]
+    shapes: FrozenMapping[str, tuple[int, ...]]
+    dtypes: FrozenMapping[str, np.dtype] = dataclasses.field(repr=False)
+    treedef: Any = dataclasses.field(repr=False)
+
+    def check_params(self, params: PyTree) -> None:
+        """Raises ValueError, naming the first differing leaf, if `params` is not the tree this plan was built for.
+
+        Cheap: one flatten and a shape/dtype comparison per leaf, with no path strings unless the structure differs.
+        """
+        leaves, treedef = jax.tree.flatten(params)
+        if treedef == self.treedef and all(
+            tuple(np.shape(x)) == shape and _dtype(x) == dtype
+            for x, shape, dtype in zip(leaves, self.shapes.values(), self.dtypes.values(), strict=True)
+        ):
+            return
+        got = {path: (tuple(np.shape(x)), _dtype(x)) for path, x in leaves_with_paths(params)}
+        want = {path: (self.shapes[path], self.dtypes[path]) for path in self.shapes}
+        if got == want:
+            return  # the same leaves under another container type (e.g. FrozenDict vs dict)
+        path = next((p for p in want if got.get(p) != want[p]), None) or next(p for p in got if p not in want)
+        raise ValueError(
+            f"this Plan was built for other params: at {path!r} it expects {_describe(want.get(path))}, "
+            f"but the params given have {_describe(got.get(path))}; build the plan from these params with "
+            "jaxlora.plan(params, config)"
+        )
 
     @property
     def num_original(self) -> int:
@@ -136,6 +172,15 @@ class Plan:
         return self.table()
 
 
+def _dtype(leaf: Any) -> np.dtype:
+    dtype = getattr(leaf, "dtype", None)
+    return np.dtype(dtype if dtype is not None else np.result_type(leaf))
+
+
+def _describe(spec: tuple[tuple[int, ...], np.dtype] | None) -> str:
+    return "no such leaf" if spec is None else f"a {spec[1]} array of shape {spec[0]}"
+
+
 def _shape(shape: tuple[int, ...]) -> str:
     return "(" + ", ".join(str(d) for d in shape) + ")"
 
@@ -147,16 +192,32 @@ def _unmatched(patterns: tuple[str, ...] | Mapping[str, Any], paths: list[str]) 
 def plan(params: PyTree, config: LoraConfig) -> Plan:
     """Resolves `config` against `params` (arrays or `jax.ShapeDtypeStruct`s); never allocates.
 
-    Raises ValueError, naming the path and the fix, for patterns that match nothing, leaves that
-    cannot carry an adapter, and ranks that do not fit.
+    Args:
+      params: the base parameter tree (linen `params` dict, NNX state, or its `jax.eval_shape`).
+      config: what to adapt.
+
+    Returns:
+      The `Plan`: hold it and pass it to the other jaxlora functions; `print(plan)` shows the table.
+
+    Raises:
+      ValueError: naming the path and the fix, for patterns that match nothing, leaves that cannot carry an
+        adapter, and ranks that do not fit.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxlora
+      >>> params = {"dense": {"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros(3)}}
+      >>> plan = jaxlora.plan(params, jaxlora.LoraConfig(rank=2))
+      >>> plan.num_lora, plan.leaves["dense/kernel"].a_shape
+      (14, (4, 2))
     """
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"config must be a jaxlora.LoraConfig, got {type(config).__name__}")
     shapes: dict[str, tuple[int, ...]] = {}
     dtypes: dict[str, Any] = {}
     leaves: dict[str, Any] = {}
     for path, leaf in leaves_with_paths(params):
         shapes[path] = tuple(np.shape(leaf))
-        dtype = getattr(leaf, "dtype", None)
-        dtypes[path] = dtype if dtype is not None else np.result_type(leaf)
+        dtypes[path] = _dtype(leaf)
         leaves[path] = leaf
     paths = list(shapes)
     if not paths:
@@ -217,11 +278,31 @@ def plan(params: PyTree, config: LoraConfig) -> Plan:
                 f"of W {shape}; a LoRA update cannot have a higher rank than W: lower `rank` or set `rank_pattern`"
             )
         planned[path] = entry
-    return Plan(leaves=planned, saved=saved, shapes=shapes)
+    return Plan(
+        config=config,
+        leaves=FrozenMapping(planned),
+        saved=saved,
+        shapes=FrozenMapping(shapes),
+        dtypes=FrozenMapping(dtypes),
+        treedef=jax.tree.structure(params),
+    )
+
+
+def resolve(params: PyTree, plan_or_config: Plan | LoraConfig) -> Plan:
+    """The plan to use with `params`: a `Plan` checked against them, or one built from a `LoraConfig`."""
+    if isinstance(plan_or_config, Plan):
+        plan_or_config.check_params(params)
+        return plan_or_config
+    if isinstance(plan_or_config, LoraConfig):
+        return plan(params, plan_or_config)
+    raise TypeError(
+        f"expected a jaxlora.Plan (from jaxlora.plan(params, config)) or a jaxlora.LoraConfig, "
+        f"got {type(plan_or_config).__name__}"
+    )
 
 
 def summary(params: PyTree, config: LoraConfig) -> str:
-    """The dry-run table for `config` over `params`, without creating any adapter."""
+    """The dry-run table for `config` over `params`, without creating any adapter (same as `str(plan(...))`)."""
     return plan(params, config).table()
 
 

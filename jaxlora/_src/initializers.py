@@ -8,10 +8,10 @@ import zlib
 import jax
 import jax.numpy as jnp
 
-from jaxlora._paths import PyTree, map_with_paths, unflatten_adapters
-from jaxlora.analysis import top_singular
-from jaxlora.config import LoraConfig
-from jaxlora.plan import LeafPlan, plan
+from jaxlora._src.config import LoraConfig
+from jaxlora._src.paths import PyTree, map_with_paths, unflatten_adapters
+from jaxlora._src.planning import LeafPlan, Plan, resolve
+from jaxlora._src.svd import top_singular
 
 
 def leaf_key(key: jax.Array, path: str) -> jax.Array:
@@ -49,13 +49,32 @@ def _pissa_pair(weight: jax.Array, leaf: LeafPlan) -> tuple[jax.Array, dict[str,
     return residual, pair
 
 
-def init(key: jax.Array, params: PyTree, config: LoraConfig) -> tuple[PyTree, dict]:
-    """Creates adapters for the leaves `config` selects; returns `(params, adapters)`.
+def init(key: jax.Array, params: PyTree, plan: Plan | LoraConfig) -> tuple[PyTree, dict]:
+    """Creates adapters for the leaves the plan selects; returns `(params, adapters)`.
 
-    `params` comes back unchanged (the same object) except with `init="pissa"`, where the adapted
-    leaves become the residual `W - s·A B` so that the adapted model still equals the base model.
+    Args:
+      key: a PRNG key; each leaf's key depends only on it and the leaf's path.
+      params: the base params the plan was built for.
+      plan: from `jaxlora.plan(params, config)` (a `LoraConfig` is resolved here).
+
+    Returns:
+      `(params, adapters)`: `params` unchanged (the same object) except with `init="pissa"`, where the adapted
+      leaves become the residual `W - s·A B` so that the adapted model still equals the base model; `adapters`
+      nested dicts mirroring params, `{"lora_a": A, "lora_b": B}` at each adapted leaf (B = 0 unless PiSSA).
+
+    Raises:
+      ValueError: if the plan was built for other params.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxlora
+      >>> params = {"dense": {"kernel": jnp.ones((4, 3))}}
+      >>> plan = jaxlora.plan(params, jaxlora.LoraConfig(rank=2))
+      >>> _, adapters = jaxlora.init(jax.random.key(0), params, plan)
+      >>> adapters["dense"]["kernel"]["lora_b"].shape
+      (2, 3)
     """
-    resolved = plan(params, config)
+    resolved = resolve(params, plan)
+    config = resolved.config
     if config.init != "pissa":
         pairs = {path: _random_pair(leaf_key(key, path), leaf, config) for path, leaf in resolved.leaves.items()}
         return params, unflatten_adapters(pairs)

@@ -8,9 +8,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxlora._paths import PyTree, map_with_paths
-from jaxlora.config import LoraConfig
-from jaxlora.plan import LeafPlan, plan
+from jaxlora._src.config import LoraConfig
+from jaxlora._src.paths import PyTree, map_with_paths
+from jaxlora._src.planning import LeafPlan, Plan, resolve
 
 # Up to this rank, s·A B is summed as rank-one outer products inside one element-wise loop that XLA fuses
 # with the add: W is read and written once, on every core, and A B never exists on its own. A GEMM with an
@@ -92,19 +92,57 @@ def add_deltas(
     return map_with_paths(update, params)
 
 
-def _apply_delta(params: PyTree, adapters: dict, config: LoraConfig, sign: float, check_finite: bool) -> PyTree:
-    resolved = plan(params, config)
+def _apply_delta(params: PyTree, adapters: dict, plan: Plan | LoraConfig, sign: float, check_finite: bool) -> PyTree:
+    resolved = resolve(params, plan)
     return add_deltas(params, resolved.check_adapters(adapters), resolved.leaves, sign, check_finite)
 
 
-def merge(params: PyTree, adapters: dict, config: LoraConfig, *, check_finite: bool = True) -> PyTree:
-    """`W + s·A B` for every adapted leaf (accumulated in float32, cast once to W's dtype).
+def merge(params: PyTree, adapters: dict, plan: Plan | LoraConfig, *, check_finite: bool = True) -> PyTree:
+    """`W + s·A B` for every adapted leaf (accumulated in float32, cast once to W's dtype), as a tree map.
 
-    Returns a new tree; `params` is not modified. Outside jit a non-finite result raises, naming the path.
+    Args:
+      params: the base params.
+      adapters: from `jaxlora.init` (or trained).
+      plan: from `jaxlora.plan(params, config)` (a `LoraConfig` is resolved here).
+      check_finite: outside jit, raise if a merged leaf holds NaN or Inf.
+
+    Returns:
+      A new tree; `params` is not modified. Works inside `jit` (its gradient is two GEMMs per leaf).
+
+    Raises:
+      ValueError: if the adapters or the plan do not fit `params`.
+      FloatingPointError: outside jit, naming the path whose merged weight is not finite.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxlora
+      >>> params = {"dense": {"kernel": jnp.ones((4, 3))}}
+      >>> plan = jaxlora.plan(params, jaxlora.LoraConfig(rank=2))
+      >>> params, adapters = jaxlora.init(jax.random.key(0), params, plan)
+      >>> bool((jaxlora.merge(params, adapters, plan)["dense"]["kernel"] == 1).all())  # B = 0
+      True
     """
-    return _apply_delta(params, adapters, config, 1.0, check_finite)
+    return _apply_delta(params, adapters, plan, 1.0, check_finite)
 
 
-def unmerge(merged: PyTree, adapters: dict, config: LoraConfig, *, check_finite: bool = True) -> PyTree:
-    """`W - s·A B` for every adapted leaf: the inverse of `merge` up to float rounding."""
-    return _apply_delta(merged, adapters, config, -1.0, check_finite)
+def unmerge(merged: PyTree, adapters: dict, plan: Plan | LoraConfig, *, check_finite: bool = True) -> PyTree:
+    """`W - s·A B` for every adapted leaf: the inverse of `merge` up to float rounding.
+
+    Args:
+      merged: params with the adapters merged in.
+      adapters: the adapters that were merged.
+      plan: the plan (or config) they were merged with.
+      check_finite: outside jit, raise if a leaf holds NaN or Inf.
+
+    Returns:
+      A new tree with the update taken out again.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxlora
+      >>> params = {"dense": {"kernel": jnp.ones((4, 3))}}
+      >>> plan = jaxlora.plan(params, jaxlora.LoraConfig(rank=2))
+      >>> _, adapters = jaxlora.init(jax.random.key(0), params, plan)
+      >>> back = jaxlora.unmerge(jaxlora.merge(params, adapters, plan), adapters, plan)
+      >>> bool(jnp.allclose(back["dense"]["kernel"], 1.0))
+      True
+    """
+    return _apply_delta(merged, adapters, plan, -1.0, check_finite)

@@ -10,6 +10,8 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
+from jaxlora._src.immutable import FrozenMapping
+
 # Every leaf named `kernel` (Dense, DenseGeneral, Einsum, Conv kernels), at any depth.
 ALL_KERNELS = r"(.*/)?kernel"
 # Every leaf named `embedding` (flax Embed tables).
@@ -35,8 +37,31 @@ def _check_regexes(field: str, patterns: tuple[str, ...]) -> None:
 class LoraConfig:
     """What to adapt (regexes over "/"-joined param paths, fully matched) and how.
 
-    `rank_pattern`, `alpha_pattern` and `fan_in_ndim` map a regex to a per-path value; the first
-    matching pattern wins. `predicate(path, leaf)` further filters the targets and is not serialised.
+    Immutable and hashable, so it can be a static argument of `jax.jit`. `rank_pattern`, `alpha_pattern` and
+    `fan_in_ndim` map a regex to a per-path value (given as dicts, held as read-only `FrozenMapping`s); the
+    first matching pattern wins. `predicate(path, leaf)` further filters the targets; it takes part in `==`
+    and hashing by identity, and is not serialised.
+
+    Args:
+      rank: the adapters' rank r.
+      alpha: the scale numerator: s = alpha / r (alpha / sqrt(r) with `use_rslora`).
+      targets: regexes of the leaves that get adapters (default: every `kernel`).
+      exclude: regexes removed from `targets`.
+      init: "kaiming" (PEFT's default), "gaussian" (the paper's, `init_std`) or "pissa" (top-r SVD of W).
+      init_std: the Gaussian's standard deviation (default 1/r).
+      use_rslora: scale by alpha / sqrt(r).
+      rank_pattern: regex -> rank for some leaves.
+      alpha_pattern: regex -> alpha for some leaves.
+      dropout: LoRA dropout on the adapter's input (active when a `lora_dropout` rng is given).
+      modules_to_save: regexes of leaves trained in full (e.g. a new head).
+      fan_in_ndim: regex -> how many leading kernel axes are inputs (default: all but the last).
+      predicate: an extra filter `predicate(path, leaf) -> bool` over the targets.
+
+    Example:
+      >>> import jaxlora
+      >>> config = jaxlora.LoraConfig(rank=4, alpha=8.0, targets=(".*/kernel",), rank_pattern={"head/kernel": 2})
+      >>> hash(config) == hash(jaxlora.LoraConfig.from_json(config.to_json()))
+      True
     """
 
     rank: int = 8
@@ -46,18 +71,18 @@ class LoraConfig:
     init: InitKind = "kaiming"
     init_std: float | None = None
     use_rslora: bool = False
-    rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
-    alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    rank_pattern: Mapping[str, int] = FrozenMapping()
+    alpha_pattern: Mapping[str, float] = FrozenMapping()
     dropout: float = 0.0
     modules_to_save: tuple[str, ...] = ()
-    fan_in_ndim: Mapping[str, int] = dataclasses.field(default_factory=dict)
-    predicate: Callable[[str, Any], bool] | None = dataclasses.field(default=None, compare=False)
+    fan_in_ndim: Mapping[str, int] = FrozenMapping()
+    predicate: Callable[[str, Any], bool] | None = None
 
     def __post_init__(self) -> None:
         for field in ("targets", "exclude", "modules_to_save"):
             object.__setattr__(self, field, _as_tuple(getattr(self, field)))
         for field in ("rank_pattern", "alpha_pattern", "fan_in_ndim"):
-            object.__setattr__(self, field, dict(getattr(self, field)))
+            object.__setattr__(self, field, FrozenMapping(getattr(self, field)))
         if not self.targets and self.predicate is None:
             raise ValueError("LoraConfig.targets is empty: give at least one regex, e.g. jaxlora.ALL_KERNELS")
         for field in ("targets", "exclude", "modules_to_save"):
@@ -103,6 +128,8 @@ class LoraConfig:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "predicate"}
         for field in ("targets", "exclude", "modules_to_save"):
             out[field] = list(out[field])
+        for field in ("rank_pattern", "alpha_pattern", "fan_in_ndim"):
+            out[field] = dict(out[field])
         return out
 
     @classmethod
@@ -115,10 +142,12 @@ class LoraConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def to_json(self) -> str:
+        """The config as JSON text (see `to_dict`)."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> LoraConfig:
+        """Inverse of `to_json`."""
         return cls.from_dict(json.loads(text))
 
 

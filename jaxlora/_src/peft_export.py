@@ -1,0 +1,205 @@
+"""Writing a jaxlora adapter as a Hugging Face PEFT LoRA directory (see `peft_keys` for the format)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxlora._src.atomic_files import atomic_directory
+from jaxlora._src.config import LoraConfig
+from jaxlora._src.name_maps import NameMap, module_table, to_torch, torch_module, torch_param
+from jaxlora._src.paths import PyTree, leaves_with_paths
+from jaxlora._src.peft_keys import CONFIG_NAME, PREFIX, WEIGHTS_NAME
+from jaxlora._src.planning import Plan, resolve
+from jaxlora._src.safetensors_io import write_tensors
+
+TorchName = Callable[[str], tuple[str, str]]
+
+
+def _lora_tensors(pair: Mapping[str, Any], layout: str, path: str) -> dict[str, np.ndarray]:
+    """PEFT's factor tensors for one adapted leaf: (r, in) / (out, r), flattening n-D fan-in / fan-out."""
+    a, b = np.asarray(pair["lora_a"]), np.asarray(pair["lora_b"])
+    rank = a.shape[-1]
+    if layout == "tied_embedding":
+        raise ValueError(
+            f"cannot export the LoRA adapter of {path!r} to PEFT: this table is tied to the output head, and "
+            "jaxlora adapts the lookup and the tied head together while PEFT's Embedding LoRA adapts only the "
+            "lookup, so PyTorch would compute another model; exclude it from the targets, or merge and share "
+            "the full weights"
+        )
+    if layout == "embedding":
+        if a.ndim != 2 or b.ndim != 2:
+            raise ValueError(f"cannot export {path!r} as a torch Embedding: its table is not 2-D")
+        return {"lora_embedding_A": a.T, "lora_embedding_B": b.T}
+    if layout == "conv1d" and (a.ndim != 2 or b.ndim != 2):
+        raise ValueError(f"cannot export {path!r} as a Conv1D layer: its kernel is not 2-D")
+    if layout in ("linear", "conv1d"):
+        return {"lora_A.weight": a.reshape(-1, rank).T, "lora_B.weight": b.reshape(rank, -1).T}
+    raise ValueError(
+        f"cannot export the LoRA adapter of {path!r} to PEFT: its torch layout is {layout!r}, and PEFT files "
+        "are written here for linear, conv1d and embedding layers; exclude it from the targets"
+    )
+
+
+def _pattern_key(name: str, modules: list[str]) -> str:
+    """A rank_pattern / alpha_pattern key that PEFT (``re.match(r"(.*\\.)?(key)$")``) matches to `name` only."""
+    if all(m == name or not re.match(rf"(.*\.)?({name})$", m) for m in modules):
+        return name
+    return "^" + re.escape(name)
+
+
+def _target_modules(targets: list[str], modules: list[str]) -> list[str] | str:
+    """PEFT's target_modules: the module names, or, where a name also suffixes another module, a regex of them."""
+    others = set(modules) - set(targets)
+    if any(m.endswith(f".{t}") for t in targets for m in others):
+        return "|".join(re.escape(t) for t in sorted(targets))  # PEFT fully matches a string against each name
+    return sorted(targets)
+
+
+def _peft_number(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def _adapter_tensors(plan: Plan, pairs: Mapping, torch_name: TorchName, names: list[str]) -> tuple[dict, dict]:
+    """PEFT's LoRA tensors for every adapted leaf, and the config entries they need (targets, patterns, layouts)."""
+    config = plan.config
+    tensors: dict[str, np.ndarray] = {}
+    targets, layouts, rank_pattern, alpha_pattern = [], set(), {}, {}
+    for path, leaf in plan.leaves.items():
+        name, layout = torch_name(path)
+        for suffix, tensor in _lora_tensors(pairs[path], layout, path).items():
+            tensors[f"{PREFIX}{name}.{suffix}"] = tensor
+        targets.append(name)
+        layouts.add(layout)
+        if leaf.rank != config.rank:
+            rank_pattern[_pattern_key(name, names)] = leaf.rank
+        if leaf.alpha != config.alpha:
+            alpha_pattern[_pattern_key(name, names)] = _peft_number(leaf.alpha)
+        peft_scale = leaf.alpha / (math.sqrt(leaf.rank) if config.use_rslora else leaf.rank)
+        if not math.isclose(peft_scale, leaf.scale, rel_tol=1e-6):
+            raise RuntimeError(f"PEFT would scale {path!r} by {peft_scale}, jaxlora by {leaf.scale}: please report")
+    entries = {
+        "target_modules": _target_modules(targets, names),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "fan_in_fan_out": "conv1d" in layouts,
+    }
+    return tensors, entries
+
+
+def _saved_tensors(plan: Plan, params: PyTree, torch_name: TorchName, names: list[str]) -> tuple[dict, list[str]]:
+    """The full weights of the modules_to_save modules under their torch names, and those module names."""
+    values = dict(leaves_with_paths(params))
+    tensors: dict[str, np.ndarray] = {}
+    saved_modules = []
+    for path in {p.rpartition("/")[0]: p for p in plan.saved}.values():
+        module_path = path.rpartition("/")[0]
+        name, layout = torch_name(path)
+        saved_modules.append(name)
+        for leaf_name, value in _leaves_of(module_path, values).items():
+            tensors[f"{PREFIX}{name}.{torch_param(leaf_name, layout)}"] = to_torch(value, leaf_name, layout)
+        clash = [m for m in names if m != name and m.endswith(name)]
+        if clash:
+            warnings.warn(f"PEFT picks modules_to_save by suffix, so {name!r} will also select {clash}", stacklevel=3)
+    return tensors, saved_modules
+
+
+def _peft_config(config: LoraConfig, entries: Mapping[str, Any], saved_modules: list[str], **extra: Any) -> dict:
+    """adapter_config.json for a plain LoRA adapter."""
+    return {
+        "peft_type": "LORA",
+        "r": config.rank,
+        "lora_alpha": _peft_number(config.alpha),
+        "use_rslora": config.use_rslora,
+        **entries,
+        "modules_to_save": saved_modules or None,
+        "lora_dropout": config.dropout,
+        "bias": "none",
+        "use_dora": False,
+        "lora_bias": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        **extra,
+    }
+
+
+def save_peft(
+    directory: str | os.PathLike,
+    params: PyTree,
+    adapters: Mapping,
+    plan: Plan | LoraConfig,
+    *,
+    name_map: NameMap = (),
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Writes a PEFT LoRA adapter directory that ``peft.PeftModel.from_pretrained`` loads onto the torch model.
+
+    Args:
+      directory: where to write ``adapter_model.safetensors`` and ``adapter_config.json`` (atomically).
+      params: the base params (with any trained modules_to_save leaves).
+      adapters: the adapters.
+      plan: from `jaxlora.plan(params, config)` (a `LoraConfig` is resolved here).
+      name_map: torch module names and layouts (e.g. ``jaxlora.models.gpt2.PEFT_NAME_MAP``).
+      base_model_name_or_path: recorded for PEFT (e.g. "openai-community/gpt2").
+      task_type: PEFT's task type ("CAUSAL_LM", "SEQ_CLS", ...).
+      overwrite: replace an existing directory.
+
+    Returns:
+      The absolute path written.
+
+    Raises:
+      ValueError: for adapters PEFT cannot express (PiSSA residual bases, a table tied to the head, layouts
+        without a PEFT form), naming the leaf; nothing is written then.
+      FileExistsError: if `directory` exists and `overwrite` is False.
+
+    Example:
+      >>> import tempfile, jax, jax.numpy as jnp, jaxlora
+      >>> params = {"linear1": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}
+      >>> plan = jaxlora.plan(params, jaxlora.LoraConfig(rank=2))
+      >>> params, adapters = jaxlora.init(jax.random.key(0), params, plan)
+      >>> path = jaxlora.peft_format.save_peft(tempfile.mkdtemp() + "/peft", params, adapters, plan)
+      >>> sorted(p.name for p in path.iterdir())
+      ['adapter_config.json', 'adapter_model.safetensors']
+    """
+    resolved = resolve(params, plan)
+    if resolved.config.init == "pissa":
+        raise ValueError(
+            "PiSSA adapters are relative to the residual base that jaxlora.init returned, not to the original "
+            "weights a PEFT user loads them onto; merge them (jaxlora.merge) and export the merged model instead"
+        )
+    pairs = resolved.check_adapters(adapters)
+    modules = module_table(resolved.shapes, name_map)
+    names = list(modules)
+    by_path = {module_path: (name, layout) for name, (module_path, layout, _) in modules.items()}
+
+    def torch_name(path: str) -> tuple[str, str]:
+        module_path, _, leaf = path.rpartition("/")
+        return by_path.get(module_path) or torch_module(module_path, leaf, name_map)  # the latter raises
+
+    tensors, entries = _adapter_tensors(resolved, pairs, torch_name, names)
+    saved, saved_modules = _saved_tensors(resolved, params, torch_name, names)
+    peft_config = _peft_config(
+        resolved.config, entries, saved_modules, task_type=task_type, base_model_name_or_path=base_model_name_or_path
+    )
+    directory = Path(directory).expanduser().absolute()
+    with atomic_directory(directory, overwrite) as tmp:
+        tmp.mkdir()
+        write_tensors(tmp / WEIGHTS_NAME, {**tensors, **saved})
+        (tmp / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
+    return directory
+
+
+def _leaves_of(module_path: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """The leaves directly inside `module_path`, by leaf name."""
+    prefix = f"{module_path}/" if module_path else ""
+    return {p[len(prefix) :]: v for p, v in values.items() if p.startswith(prefix) and "/" not in p[len(prefix) :]}

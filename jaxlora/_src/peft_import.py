@@ -1,0 +1,365 @@
+"""Reading a Hugging Face PEFT LoRA directory into jaxlora adapters (see `peft_keys` for the format).
+
+Reading goes in small steps: read the directory, sort its tensors into LoRA factors and full weights, check
+that they cover what the config targets, convert each module's factors to our layout, put the full weights in,
+and build the jaxlora config and plan that reproduce PEFT's scales.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax.numpy as jnp
+
+from jaxlora._src.config import LoraConfig
+from jaxlora._src.name_maps import NameMap, from_torch, module_table, torch_param
+from jaxlora._src.paths import PyTree, leaves_with_paths, map_with_paths, unflatten_adapters
+from jaxlora._src.peft_keys import CONFIG_NAME, PREFIX, WEIGHTS_NAME
+from jaxlora._src.planning import Plan
+from jaxlora._src.planning import plan as make_plan
+from jaxlora._src.safetensors_io import read_tensors
+
+Modules = Mapping[str, tuple[str, str, tuple[str, ...]]]  # torch name -> (our module path, layout, leaf names)
+
+_FACTOR_KEYS = {
+    "lora_A.weight": ("lora_a", "linear"),
+    "lora_B.weight": ("lora_b", "linear"),
+    "lora_embedding_A": ("lora_a", "embedding"),
+    "lora_embedding_B": ("lora_b", "embedding"),
+}
+_LORA_KEY = re.compile(r"(?P<module>.+)\.(?P<factor>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)")
+# Keys that only other PEFT features write; named in the error instead of being loaded partially.
+_UNSUPPORTED_KEYS = {
+    "lora_magnitude_vector": "DoRA (use_dora) magnitude vectors",
+    "lora_B.bias": "LoRA bias adapters (lora_bias)",
+    "lora_A.bias": "LoRA bias adapters (lora_bias)",
+    "trainable_tokens": "trainable tokens (trainable_token_indices)",
+}
+# adapter_config.json settings that change what the file means; loading them as plain LoRA would be wrong.
+_UNSUPPORTED_SETTINGS = (
+    "use_dora",
+    "lora_bias",
+    "target_parameters",
+    "trainable_token_indices",
+    "layer_replication",
+    "use_qalora",
+    "alora_invocation_tokens",
+    "use_bdlora",
+    "arrow_config",
+    "kasa_config",
+    "monteclora_config",
+    "megatron_config",
+)
+# init_lora_weights values whose adapters are relative to a modified (residual / quantised) base.
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+
+
+def _check_supported(peft_config: Mapping[str, Any], source: Path) -> None:
+    if peft_config.get("peft_type") != "LORA":
+        raise ValueError(f"{source}: peft_type is {peft_config.get('peft_type')!r}; jaxlora reads only LORA adapters")
+    used = [k for k in _UNSUPPORTED_SETTINGS if peft_config.get(k) not in (None, False, [], {}, 0)]
+    if peft_config.get("bias", "none") != "none":
+        used.append(f"bias={peft_config['bias']!r}")
+    init = peft_config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        used.append(f"init_lora_weights={init!r} (adapter relative to a modified base; convert it to plain LoRA)")
+    if used:
+        raise ValueError(
+            f"{source} uses PEFT features jaxlora does not support: {', '.join(used)}; "
+            "loading it as plain LoRA would give a different model"
+        )
+
+
+def _peft_targets(name: str, peft_config: Mapping[str, Any]) -> bool:
+    """Whether PEFT's LoRA targets module `name` (its rules for target_modules / exclude_modules / modules_to_save)."""
+    exclude = peft_config.get("exclude_modules")
+    if isinstance(exclude, str) and re.fullmatch(exclude, name):
+        return False
+    if isinstance(exclude, list) and any(name == e or name.endswith(f".{e}") for e in exclude):
+        return False
+    if any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in peft_config.get("modules_to_save") or ()):
+        return False
+    targets = peft_config.get("target_modules")
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith(f".{t}") for t in targets or ())
+
+
+def _pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
+    """PEFT's rank_pattern / alpha_pattern lookup for module `name`."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _fan_in_ndim(shape: tuple[int, ...], fan_in: int, fan_out: int) -> int | None:
+    """How many leading axes of an n-D kernel make up torch's `fan_in` (None if no split fits)."""
+    fits = [k for k in range(1, len(shape)) if math.prod(shape[:k]) == fan_in and math.prod(shape[k:]) == fan_out]
+    if not fits:
+        return None
+    return len(shape) - 1 if len(shape) - 1 in fits else fits[0]
+
+
+class _Factors(NamedTuple):
+    """The file's tensors sorted: LoRA factors per torch module, their kind, and modules_to_save weights."""
+
+    factors: dict[str, dict[str, Any]]
+    kinds: dict[str, str]
+    saved: dict[str, Any]
+
+
+class _Converted(NamedTuple):
+    """Our adapters and, per adapted path, what the config must say about it."""
+
+    pairs: dict[str, dict[str, Any]]
+    ranks: dict[str, int]
+    alphas: dict[str, float]
+    fan_in_ndims: dict[str, int]
+    scales: dict[str, float]
+
+
+def _read_directory(directory: Path) -> tuple[dict[str, Any], dict[str, Any], Path]:
+    """(adapter_config.json as a dict, the tensors by key without PEFT's prefix, the weights file)."""
+    config_file, weights_file = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    if not config_file.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}; pass the directory PeftModel.save_pretrained wrote")
+    if not weights_file.is_file():
+        hint = " (adapter_model.bin is a pickle, which is not read: re-save with safe_serialization=True)"
+        raise FileNotFoundError(
+            f"no {WEIGHTS_NAME} in {directory}" + (hint if (directory / "adapter_model.bin").exists() else "")
+        )
+    try:
+        peft_config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_file} is not valid JSON ({err})") from err
+    if not isinstance(peft_config, dict):
+        raise ValueError(f"{config_file} must hold a JSON object, got {type(peft_config).__name__}")
+    _check_supported(peft_config, config_file)
+    raw = read_tensors([weights_file], remedy="export the adapter again")
+    return peft_config, {k.removeprefix(PREFIX): v for k, v in raw.items()}, weights_file
+
+
+def _sort_tensors(tensors: Mapping[str, Any], modules: Modules, saved_names: list[str], source: Path) -> _Factors:
+    """Sorts the tensors into LoRA factors and modules_to_save weights; ValueError for keys it cannot place."""
+    factors: dict[str, dict[str, Any]] = {}
+    kinds: dict[str, str] = {}
+    saved: dict[str, Any] = {}
+    unexpected: list[str] = []
+    for key, value in tensors.items():
+        match = _LORA_KEY.fullmatch(key)
+        if match:
+            name, (factor, kind) = match["module"], _FACTOR_KEYS[match["factor"]]
+            factors.setdefault(name, {})[factor] = value
+            if kinds.setdefault(name, kind) != kind:
+                unexpected.append(key)
+            continue
+        module_name, _, _ = key.rpartition(".")
+        if module_name in modules and any(module_name.endswith(m) for m in saved_names):
+            saved[key] = value
+        else:
+            unexpected.append(key)
+    if unexpected:
+        features = sorted({what for key in unexpected for marker, what in _UNSUPPORTED_KEYS.items() if marker in key})
+        raise ValueError(
+            f"{source} holds keys jaxlora cannot place: {sorted(PREFIX + k for k in unexpected)[:8]}"
+            + (f" (these come from {', '.join(features)}, which jaxlora does not support)" if features else "")
+            + "; check the name map and that the file is a plain LoRA adapter"
+        )
+    return _Factors(factors, kinds, saved)
+
+
+def _check_coverage(factors: Mapping[str, Any], modules: Modules, peft_config: Mapping[str, Any], source: Path) -> None:
+    """Every factor belongs to one of our modules, and every module the config targets has its factors."""
+    unknown = sorted(set(factors) - set(modules))
+    if unknown:
+        raise ValueError(
+            f"{source} has LoRA weights for torch modules {unknown[:8]} that no parameter of `params` maps to "
+            f"(our modules map to e.g. {list(modules)[:6]}); pass the name map of this model family"
+        )
+    if peft_config.get("layers_to_transform"):
+        return
+    expected = sorted(
+        name
+        for name, (_, layout, leaves) in modules.items()
+        if _peft_targets(name, peft_config) and ("kernel" in leaves or "embedding" in leaves)
+    )
+    missing = [name for name in expected if name not in factors]
+    if missing:
+        raise ValueError(
+            f"{source} is missing the LoRA weights of {missing[:8]}, which {CONFIG_NAME} targets "
+            f"(target_modules={peft_config.get('target_modules')!r}); the file is incomplete: export it again"
+        )
+
+
+def _module_path(name: str, kind: str, factor: Mapping[str, Any], modules: Modules, source: Path) -> str:
+    """Our param path for the LoRA factors of torch module `name`, after checking they fit that module."""
+    module_path, layout, leaves = modules[name]
+    missing_factor = {"lora_a", "lora_b"} - set(factor)
+    if missing_factor:
+        key = {"linear": "lora_A.weight", "embedding": "lora_embedding_A"}[kind]
+        key = key.replace("A", "B") if "lora_b" in missing_factor else key
+        raise ValueError(f"{source} has no {PREFIX}{name}.{key}; the file is incomplete: export it again")
+    if layout == "tied_embedding":
+        raise ValueError(
+            f"{source}: torch module {name!r} has an Embedding LoRA on a table tied to the output head; "
+            "PEFT adapts only its lookup, while jaxlora adapts the lookup and the tied head together, so "
+            "loading it would compute another model: train the adapter without this module"
+        )
+    leaf = "embedding" if kind == "embedding" else "kernel"
+    if leaf not in leaves or (kind == "embedding") != (layout == "embedding"):
+        raise ValueError(
+            f"{source}: torch module {name!r} holds {kind} LoRA weights, but our module {module_path!r} "
+            f"is a {layout} layer with leaves {list(leaves)}; check the name map"
+        )
+    return f"{module_path}/{leaf}"
+
+
+def _convert_factors(
+    sorted_: _Factors, modules: Modules, shapes: Mapping[str, tuple[int, ...]], peft_config: Mapping, source: Path
+) -> _Converted:
+    """Our (A, B) for every adapted module, with the rank, alpha, fan_in_ndim and scale PEFT gives it."""
+    r_default, alpha_default = peft_config.get("r", 8), peft_config.get("lora_alpha", 8)
+    use_rslora = bool(peft_config.get("use_rslora", False))
+    out = _Converted({}, {}, {}, {}, {})
+    for name, factor in sorted(sorted_.factors.items()):
+        kind = sorted_.kinds[name]
+        path = _module_path(name, kind, factor, modules, source)
+        out.pairs[path], out.fan_in_ndims[path] = _convert_pair(factor, kind, name, path, shapes[path], str(source))
+        rank = out.ranks[path] = out.pairs[path]["lora_a"].shape[-1]
+        want_rank = _pattern_value(peft_config.get("rank_pattern") or {}, name, r_default)
+        if rank != want_rank:
+            raise ValueError(
+                f"{source}: {name!r} has LoRA rank {rank}, but {CONFIG_NAME} gives r={want_rank} "
+                "for it; the weights and the config do not belong together"
+            )
+        alpha = out.alphas[path] = float(_pattern_value(peft_config.get("alpha_pattern") or {}, name, alpha_default))
+        out.scales[path] = alpha / (math.sqrt(rank) if use_rslora else rank)
+    if not out.pairs:
+        raise ValueError(f"{source} holds no LoRA weights")
+    return out
+
+
+def _jaxlora_config(
+    peft_config: Mapping[str, Any], converted: _Converted, saved_paths: list[str], shapes: Mapping
+) -> LoraConfig:
+    """The LoraConfig that adapts exactly the file's modules with PEFT's ranks, alphas and scales."""
+    r_default, alpha_default = peft_config.get("r", 8), peft_config.get("lora_alpha", 8)
+    return LoraConfig(
+        rank=r_default,
+        alpha=float(alpha_default),
+        targets=tuple(re.escape(p) for p in converted.pairs),
+        rank_pattern={re.escape(p): r for p, r in converted.ranks.items() if r != r_default},
+        alpha_pattern={re.escape(p): a for p, a in converted.alphas.items() if a != alpha_default},
+        use_rslora=bool(peft_config.get("use_rslora", False)),
+        dropout=float(peft_config.get("lora_dropout", 0.0)),
+        modules_to_save=tuple(re.escape(p) for p in saved_paths),
+        fan_in_ndim={re.escape(p): k for p, k in converted.fan_in_ndims.items() if k != len(shapes[p]) - 1},
+    )
+
+
+def load_peft(directory: str | os.PathLike, params: PyTree, *, name_map: NameMap = ()) -> tuple[PyTree, dict, Plan]:
+    """`(params, adapters, plan)` from a PEFT LoRA directory, for our base `params` and torch `name_map`.
+
+    Args:
+      directory: what ``PeftModel.save_pretrained`` wrote (``adapter_config.json`` + ``adapter_model.safetensors``).
+      params: our base params.
+      name_map: torch module names and layouts (e.g. ``jaxlora.models.gpt2.PEFT_NAME_MAP``).
+
+    Returns:
+      `params` with the file's modules_to_save weights put in, the adapters, and the plan (its config is
+      `plan.config`) reproducing PEFT's per-module ranks and scales.
+
+    Raises:
+      FileNotFoundError: if a file is missing.
+      ValueError: for unsupported PEFT features, unreadable files, missing or unexpected keys and wrong shapes,
+        naming them.
+
+    Example:
+      >>> import tempfile, jax, jax.numpy as jnp, jaxlora
+      >>> params = {"linear1": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}
+      >>> plan = jaxlora.plan(params, jaxlora.LoraConfig(rank=2))
+      >>> params, adapters = jaxlora.init(jax.random.key(0), params, plan)
+      >>> path = jaxlora.peft_format.save_peft(tempfile.mkdtemp() + "/peft", params, adapters, plan)
+      >>> _, loaded, loaded_plan = jaxlora.peft_format.load_peft(path, params)
+      >>> loaded_plan.leaves["linear1/kernel"].rank
+      2
+    """
+    directory = Path(directory).expanduser().absolute()
+    peft_config, tensors, source = _read_directory(directory)
+    flat_params = dict(leaves_with_paths(params))
+    shapes = {p: tuple(jnp.shape(v)) for p, v in flat_params.items()}
+    modules = module_table(shapes, name_map)
+    saved_names = peft_config.get("modules_to_save") or []
+    sorted_ = _sort_tensors(tensors, modules, saved_names, source)
+    _check_coverage(sorted_.factors, modules, peft_config, source)
+    converted = _convert_factors(sorted_, modules, shapes, peft_config, source)
+    new_params, saved_paths = _load_saved(params, flat_params, sorted_.saved, modules, saved_names, str(source))
+    resolved = make_plan(new_params, _jaxlora_config(peft_config, converted, saved_paths, shapes))
+    adapters = unflatten_adapters(converted.pairs)
+    resolved.check_adapters(adapters)
+    for path, leaf in resolved.leaves.items():
+        if not math.isclose(leaf.scale, converted.scales[path], rel_tol=1e-6):
+            raise RuntimeError(
+                f"jaxlora scales {path!r} by {leaf.scale}, PEFT by {converted.scales[path]}: please report"
+            )
+    return new_params, adapters, resolved
+
+
+def _convert_pair(
+    factor: Mapping[str, Any], kind: str, name: str, path: str, shape: tuple[int, ...], source: str
+) -> tuple[dict[str, Any], int]:
+    """Our (A, B) and fan_in_ndim from PEFT's factors of torch module `name`, checking every shape."""
+    lora_a, lora_b = factor["lora_a"], factor["lora_b"]
+    if lora_a.ndim != 2 or lora_b.ndim != 2 or lora_a.shape[0] != lora_b.shape[1]:
+        raise ValueError(
+            f"{source}: {name!r} has lora A {tuple(lora_a.shape)} and lora B {tuple(lora_b.shape)}; "
+            "expected (r, in) and (out, r) with the same r"
+        )
+    rank, fan_in, fan_out = lora_a.shape[0], lora_a.shape[1], lora_b.shape[0]
+    k = 1 if kind == "embedding" and len(shape) == 2 else _fan_in_ndim(shape, fan_in, fan_out)
+    if k is None or (math.prod(shape[:k]), math.prod(shape[k:])) != (fan_in, fan_out):
+        raise ValueError(
+            f"{source}: {name!r} has lora A {tuple(lora_a.shape)} and lora B {tuple(lora_b.shape)}, which do not "
+            f"fit our {path!r} of shape {shape} (expected ({rank}, {math.prod(shape[:-1])}) and "
+            f"({shape[-1]}, {rank})); the adapter belongs to a different model"
+        )
+    a = jnp.asarray(lora_a).T.reshape(*shape[:k], rank)
+    b = jnp.asarray(lora_b).T.reshape(rank, *shape[k:])
+    return {"lora_a": a, "lora_b": b}, k
+
+
+def _load_saved(
+    params: PyTree,
+    flat_params: Mapping[str, Any],
+    tensors: Mapping[str, Any],
+    modules: Modules,
+    saved_names: list[str],
+    source: str,
+) -> tuple[PyTree, list[str]]:
+    """`params` with the modules_to_save weights in `tensors` put in, and the paths they replaced."""
+    values: dict[str, Any] = {}
+    for name, (module_path, layout, leaves) in modules.items():
+        if not any(name.endswith(m) for m in saved_names):
+            continue
+        for leaf in leaves:
+            key = f"{name}.{torch_param(leaf, layout)}"
+            path = f"{module_path}/{leaf}"
+            if key not in tensors:
+                raise ValueError(
+                    f"{source} is missing {PREFIX}{key}, the full weight of {name!r} that modules_to_save "
+                    f"{saved_names} names; the file is incomplete: export it again"
+                )
+            current = flat_params[path]
+            try:
+                value = from_torch(tensors[key], leaf, layout, tuple(jnp.shape(current)))
+            except ValueError as err:
+                raise ValueError(f"{source}: {PREFIX}{key} {err}; the adapter belongs to a different model") from None
+            values[path] = jnp.asarray(value, current.dtype)
+    return map_with_paths(lambda path, leaf: values.get(path, leaf), params), list(values)
