@@ -178,7 +178,13 @@ def init_params(model: GPT2 | GPT2Classifier, seed: int) -> Params:
 
 def load_pretrained_weights(weights: str) -> tuple[GPT2Config, Params]:
     """Config and params of a published GPT-2; without a config.json the size is matched to the four presets."""
-    params = load_hf_weights(weights)  # names --weights / --offline-pretrain when there is nothing to load
+    try:
+        params = load_hf_weights(weights)
+    except FileNotFoundError as err:  # the library names no command line: the example adds its own flags
+        raise FileNotFoundError(
+            f"{err} Pass --weights PATH with a GPT-2 model.safetensors file (or a directory holding one), or use "
+            "--offline-pretrain, which pretrains a small GPT-2 here."
+        ) from None
     try:
         return config_from_hf(weights), params
     except FileNotFoundError:

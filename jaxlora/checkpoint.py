@@ -3,17 +3,13 @@
 base params against the fingerprint stored with the adapter."""
 
 from jaxlora._src.adapter_checkpoint import FORMAT, FORMAT_VERSION, load_adapter, save_adapter
-from jaxlora._src.atomic_files import atomic_directory
-from jaxlora._src.fingerprints import fingerprint
 from jaxlora._src.training_checkpoint import TrainingState, checkpoint_manager, restore_training, save_training
 
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "TrainingState",
-    "atomic_directory",
     "checkpoint_manager",
-    "fingerprint",
     "load_adapter",
     "restore_training",
     "save_adapter",

@@ -253,7 +253,9 @@ def test_offline_hub_id_says_offline_and_how_to_give_weights(monkeypatch, tmp_pa
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match=r"offline or unreachable.*Give the path of a GPT-2 model\.safetensors file"):
+    with pytest.raises(
+        FileNotFoundError, match=r"offline or unreachable.*Give the path of a GPT-2 model\.safetensors file"
+    ):
         load_hf_weights("openai-community/gpt2")
 
 

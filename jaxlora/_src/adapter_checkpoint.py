@@ -198,6 +198,9 @@ def load_adapter(directory: str | os.PathLike, params: PyTree) -> tuple[PyTree, 
     Raises:
       FileNotFoundError: if there is no checkpoint at `directory`.
       ValueError: naming the first leaf where `params` differ from the base the checkpoint was saved with.
+
+    Example:
+      See `save_adapter`.
     """
     requested = Path(directory).expanduser().absolute()
     directory = committed(requested)

@@ -140,7 +140,9 @@ def register_layer(
       ...         w = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
       ...         return jnp.einsum("...i,io->...o", x, w)
       >>> kind = jaxlora.register_layer(Projection)
-      >>> jaxlora.unregister_layer(Projection)
+      >>> kind.param
+      'kernel'
+      >>> _ = jaxlora.unregister_layer(Projection)
     """
     if not _is_module_type(module_type):
         raise TypeError(
@@ -166,7 +168,20 @@ def register_layer(
 
 
 def unregister_layer(module_type: type) -> LayerKind:
-    """Removes the kind registered for exactly `module_type` and returns it; KeyError, naming it, if none is."""
+    """Removes the kind registered for exactly `module_type` and returns it.
+
+    Args:
+      module_type: the class given to `register_layer`.
+
+    Returns:
+      The removed `LayerKind`.
+
+    Raises:
+      KeyError: naming `module_type` if no kind is registered for it.
+
+    Example:
+      See `register_layer`.
+    """
     try:
         return _REGISTRY.pop(module_type)
     except KeyError:
@@ -174,12 +189,34 @@ def unregister_layer(module_type: type) -> LayerKind:
 
 
 def registered_layers() -> dict[type, LayerKind]:
-    """A copy of the registry: module type -> kind."""
+    """A copy of the registry.
+
+    Returns:
+      `{module type: LayerKind}`, the built-in kinds included.
+
+    Example:
+      >>> import flax.linen as nn, jaxlora
+      >>> jaxlora.layers.registered_layers()[nn.Embed].methods
+      ('__call__', 'attend')
+    """
     return dict(_REGISTRY)
 
 
 def kind_of(module: Any) -> LayerKind | None:
-    """The kind serving `module`: its own class's, else the nearest registered base class's (None if none)."""
+    """The kind serving `module`: its own class's, else the nearest registered base class's.
+
+    Args:
+      module: a module instance.
+
+    Returns:
+      The `LayerKind`, or None if no class in its MRO is registered.
+
+    Example:
+      >>> import flax.linen as nn, jaxlora
+      >>> class Wide(nn.Dense): pass
+      >>> jaxlora.layers.kind_of(Wide(4)).module_type is nn.Dense
+      True
+    """
     for cls in type(module).__mro__:
         kind = _REGISTRY.get(cls)
         if kind is not None:
@@ -190,7 +227,17 @@ def kind_of(module: Any) -> LayerKind | None:
 def additive(term: Callable[[LayerCall], jax.Array | None]) -> ServeFn:
     """A serve function computing `base() + term(call)`, for kinds whose LoRA term adds to the layer's output.
 
-    `term` returns the LoRA contribution (or None when it cannot serve this call).
+    Args:
+      term: `term(call) -> the LoRA contribution`, or None when it cannot serve this call.
+
+    Returns:
+      A serve function for `register_layer` (it leaves calls without adapter to the layer itself).
+
+    Example:
+      >>> import flax.linen as nn, jaxlora
+      >>> class Scaled(nn.Dense): pass
+      >>> kind = jaxlora.register_layer(Scaled, jaxlora.layers.additive(jaxlora.layers.linear_term))
+      >>> _ = jaxlora.unregister_layer(Scaled)
     """
 
     def serve(call: LayerCall) -> Any:
@@ -206,7 +253,22 @@ def additive(term: Callable[[LayerCall], jax.Array | None]) -> ServeFn:
 
 
 def linear_term(call: LayerCall) -> jax.Array:
-    """s·(x A) B contracting the last `fan_in_ndim` axes of the input with A's leading axes (any dense layer)."""
+    """s·(x A) B contracting the last `fan_in_ndim` axes of the input with A's leading axes (any dense layer).
+
+    Args:
+      call: the intercepted call; its first positional argument is x.
+
+    Returns:
+      The LoRA term, in the adapter's dtype.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxlora
+      >>> leaf = jaxlora.LeafPlan("k", (4, 3), jnp.float32, 1, 1, 2.0, 2.0)
+      >>> adapter = jaxlora.layers.Adapter(jnp.ones((4, 1)), jnp.ones((1, 3)), leaf)
+      >>> call = jaxlora.layers.LayerCall(None, "__call__", (jnp.ones((1, 4)),), {}, adapter, lambda: None)
+      >>> jaxlora.layers.linear_term(call).tolist()
+      [[8.0, 8.0, 8.0]]
+    """
     adapter = call.adapter
     k = adapter.leaf.fan_in_ndim
     x = adapter.drop(call.x).astype(adapter.a.dtype)

@@ -43,7 +43,28 @@ def _forward(x, x_lora, w, bias, a, b, scale):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def lora_linear(x, x_lora, w, bias, a, b, scale: float):
-    """`x W + bias + scale·(x_lora A) B`; `bias`, `a` and `b` may be None (a plain dense layer)."""
+    """`x W + bias + scale·(x_lora A) B` with a hand-written backward pass; `bias`, `a`, `b` may be None.
+
+    The backward pass computes only the cotangents asked for (never dW for a frozen W).
+
+    Args:
+      x: the input (..., in).
+      x_lora: the adapter's input, `x` after LoRA dropout (or `x` itself).
+      w: the kernel (in, out).
+      bias: (out,) or None.
+      a: A (in, r) or None.
+      b: B (r, out) or None.
+      scale: s (a static Python float).
+
+    Returns:
+      (..., out) in the dtype of `x W`.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxlora
+      >>> x, w, a, b = jnp.ones((2, 4)), jnp.ones((4, 3)), jnp.ones((4, 1)), jnp.ones((1, 3))
+      >>> jaxlora.lora_linear(x, x, w, None, a, b, 0.5)[0].tolist()
+      [6.0, 6.0, 6.0]
+    """
     return _forward(x, x_lora, w, bias, a, b, scale)[0]
 
 

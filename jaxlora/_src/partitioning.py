@@ -56,7 +56,24 @@ def partition(params: PyTree, adapters: dict, plan: Plan | LoraConfig) -> tuple[
 
 
 def combine(trainable: dict, frozen: dict) -> tuple[PyTree, dict]:
-    """`(params, adapters)` again from the two halves made by `partition` (the inverse of `partition`)."""
+    """`(params, adapters)` again from the two halves made by `partition` (the inverse of `partition`).
+
+    Args:
+      trainable: the first half from `partition` (or its updated version).
+      frozen: the second half.
+
+    Returns:
+      `(params, adapters)`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxlora
+      >>> params = {"dense": {"kernel": jnp.ones((4, 3))}}
+      >>> plan = jaxlora.plan(params, jaxlora.LoraConfig(rank=2))
+      >>> params, adapters = jaxlora.init(jax.random.key(0), params, plan)
+      >>> again, _ = jaxlora.combine(*jaxlora.partition(params, adapters, plan))
+      >>> again["dense"]["kernel"] is params["dense"]["kernel"]
+      True
+    """
     params = jax.tree.map(lambda t, f: f if t is None else t, trainable["params"], frozen["params"], is_leaf=_is_none)
     return params, trainable["lora"]
 
@@ -83,6 +100,14 @@ def labels(tree: dict, plan: Plan | LoraConfig) -> dict:
 
     Returns:
       A tree of the same structure holding "trainable" or "frozen".
+
+    Example:
+      >>> import jax.numpy as jnp, jaxlora
+      >>> params = {"body": {"kernel": jnp.ones((4, 3))}, "head": {"kernel": jnp.ones((3, 2))}}
+      >>> config = jaxlora.LoraConfig(rank=1, targets=("body/kernel",), modules_to_save=("head/.*",))
+      >>> plan = jaxlora.plan(params, config)
+      >>> jaxlora.labels({"params": params}, plan)["params"]
+      {'body': {'kernel': 'frozen'}, 'head': {'kernel': 'trainable'}}
     """
     unknown = set(tree) - {"params", "lora"}
     if unknown:
@@ -124,5 +149,17 @@ def optimizer(tx: optax.GradientTransformation, plan: Plan | LoraConfig) -> opta
 
 
 def count_params(tree: PyTree) -> int:
-    """The number of scalars in the array leaves of `tree` (None placeholders count zero)."""
+    """The number of scalars in the array leaves of `tree` (None placeholders count zero).
+
+    Args:
+      tree: any pytree of arrays.
+
+    Returns:
+      The total size.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxlora
+      >>> jaxlora.count_params({"a": jnp.ones((4, 3)), "b": None})
+      12
+    """
     return sum(int(x.size) for x in jax.tree.leaves(tree))

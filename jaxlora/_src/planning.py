@@ -302,7 +302,20 @@ def resolve(params: PyTree, plan_or_config: Plan | LoraConfig) -> Plan:
 
 
 def summary(params: PyTree, config: LoraConfig) -> str:
-    """The dry-run table for `config` over `params`, without creating any adapter (same as `str(plan(...))`)."""
+    """The dry-run table for `config` over `params`, without creating any adapter (same as `str(plan(...))`).
+
+    Args:
+      params: the base params (or their `jax.eval_shape`).
+      config: what to adapt.
+
+    Returns:
+      The table: per-layer W, bias, A and B shapes and the parameter totals.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxlora
+      >>> print(jaxlora.summary({"dense": {"kernel": jnp.ones((4, 3))}}, jaxlora.LoraConfig(rank=1)).splitlines()[-1])
+      LoRA parameters:                         7  (58.333% of original)
+    """
     return plan(params, config).table()
 
 

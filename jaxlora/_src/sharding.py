@@ -39,8 +39,9 @@ def adapter_specs(*args: Any) -> dict:
       >>> from jax.sharding import PartitionSpec as P
       >>> params = {"dense": {"kernel": jnp.ones((4, 6))}}
       >>> plan = jaxlora.plan(params, jaxlora.LoraConfig(rank=2))
-      >>> jaxlora.adapter_specs(plan, {"dense": {"kernel": P("data", "model")}})["dense"]["kernel"]["lora_b"]
-      PartitionSpec(None, 'model')
+      >>> specs = jaxlora.adapter_specs(plan, {"dense": {"kernel": P("data", "model")}})
+      >>> specs["dense"]["kernel"]["lora_a"] == P("data", None), specs["dense"]["kernel"]["lora_b"] == P(None, "model")
+      (True, True)
     """
     resolved, param_specs = _plan_and_specs(args)
     specs = dict(leaves_with_paths(param_specs, is_leaf=lambda x: isinstance(x, PartitionSpec) or x is None))
@@ -66,6 +67,16 @@ def adapter_shardings(*args: Any) -> dict:
 
     Raises:
       ValueError: if `param_shardings` is not a tree of NamedShardings.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxlora
+      >>> from jax.sharding import NamedSharding, PartitionSpec as P
+      >>> mesh = jax.make_mesh((1,), ("model",))
+      >>> params = {"dense": {"kernel": jnp.ones((4, 6))}}
+      >>> plan = jaxlora.plan(params, jaxlora.LoraConfig(rank=2))
+      >>> shardings = {"dense": {"kernel": NamedSharding(mesh, P(None, "model"))}}
+      >>> jaxlora.adapter_shardings(plan, shardings)["dense"]["kernel"]["lora_b"].spec == P(None, "model")
+      True
     """
     resolved, param_shardings = _plan_and_specs(args)
     leaves = [s for _, s in leaves_with_paths(param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))]

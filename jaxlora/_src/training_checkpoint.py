@@ -88,6 +88,9 @@ def save_training(
 
     Returns:
       True if a checkpoint was started (asynchronously with `async_save`).
+
+    Example:
+      See `restore_training`.
     """
     args = save_args(params, adapters, resolve(params, plan), True, opt_state=opt_state)
     return manager.save(int(step), args=args, force=force)
@@ -109,6 +112,20 @@ def restore_training(
 
     Raises:
       ValueError: if `step` is not saved, or the checkpoint does not fit `params`.
+
+    Example:
+      >>> import tempfile, jax, jax.numpy as jnp, optax, jaxlora
+      >>> params = {"dense": {"kernel": jnp.ones((4, 3))}}
+      >>> plan = jaxlora.plan(params, jaxlora.LoraConfig(rank=2))
+      >>> params, adapters = jaxlora.init(jax.random.key(0), params, plan)
+      >>> tx = jaxlora.optimizer(optax.adam(1e-3), plan)
+      >>> opt_state = tx.init(jaxlora.partition(params, adapters, plan)[0])
+      >>> manager = jaxlora.checkpoint.checkpoint_manager(tempfile.mkdtemp(), async_save=False)
+      >>> jaxlora.checkpoint.save_training(manager, 7, params, adapters, opt_state, plan)
+      True
+      >>> jaxlora.checkpoint.restore_training(manager, params, opt_state).step
+      7
+      >>> manager.close()
     """
     step = manager.latest_step() if step is None else step
     if step is None:
