@@ -240,7 +240,7 @@ def test_invalid_input_writes_nothing(tmp_path):
     _, _, trained, adapters = _setup()
     adapters["linear1"]["kernel"]["lora_a"] = jnp.zeros((20, 4))
     with pytest.raises(
-        ValueError, match=re.escape("adapter linear1/kernel/lora_a has shape (20, 4), but the config gives (20, 3)")
+        ValueError, match=re.escape("adapter linear1/kernel/lora_a has shape (20, 4), but the plan gives (20, 3)")
     ):
         checkpoint.save_adapter(tmp_path / "a", trained, adapters, CONFIG)
     assert list(tmp_path.iterdir()) == []

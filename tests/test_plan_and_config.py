@@ -105,7 +105,7 @@ def test_adapters_from_another_config_or_other_params_are_refused():
     params = jax.tree.map(jnp.zeros_like, _mnist_shapes())
     config = jaxlora.LoraConfig(rank=1)
     _, adapters = jaxlora.init(jax.random.key(0), params, config)
-    with pytest.raises(ValueError, match=r"adapter linear1/kernel/lora_a has shape \(784, 1\), but the config gives"):
+    with pytest.raises(ValueError, match=r"adapter linear1/kernel/lora_a has shape \(784, 1\), but the plan gives"):
         jaxlora.merge(params, adapters, jaxlora.LoraConfig(rank=2))
     with pytest.raises(ValueError, match=r"adapters for leaves the config does not target: \['linear3/kernel'\]"):
         jaxlora.merge(params, adapters, jaxlora.LoraConfig(rank=1, exclude=("linear3/kernel",)))

@@ -54,7 +54,12 @@ class LoraConfig:
       alpha_pattern: regex -> alpha for some leaves.
       dropout: LoRA dropout on the adapter's input (active when a `lora_dropout` rng is given).
       modules_to_save: regexes of leaves trained in full (e.g. a new head).
-      fan_in_ndim: regex -> how many leading kernel axes are inputs (default: all but the last).
+      fan_in_ndim: regex -> how many kernel axes (after any stack axes) are inputs (default: all but the last).
+      stacked_axes: regex -> how many leading axes of the kernel stack layers (e.g. 1 for a kernel (L, in, out)
+        made by `nn.scan` / `nnx.scan` / `nnx.vmap`); each stacked layer gets its own adapter, A (L, in, r) and
+        B (L, r, out).
+      layers_to_transform: regex -> the indices of the stacked layers to adapt (PEFT's `layers_to_transform`),
+        counted over the flattened stack axes; the other layers keep B = 0 and receive no update.
       predicate: an extra filter `predicate(path, leaf) -> bool` over the targets.
 
     Example:
@@ -76,18 +81,20 @@ class LoraConfig:
     dropout: float = 0.0
     modules_to_save: tuple[str, ...] = ()
     fan_in_ndim: Mapping[str, int] = FrozenMapping()
+    stacked_axes: Mapping[str, int] = FrozenMapping()
+    layers_to_transform: Mapping[str, tuple[int, ...]] = FrozenMapping()
     predicate: Callable[[str, Any], bool] | None = None
 
     def __post_init__(self) -> None:
         for field in ("targets", "exclude", "modules_to_save"):
             object.__setattr__(self, field, _as_tuple(getattr(self, field)))
-        for field in ("rank_pattern", "alpha_pattern", "fan_in_ndim"):
+        for field in ("rank_pattern", "alpha_pattern", "fan_in_ndim", "stacked_axes", "layers_to_transform"):
             object.__setattr__(self, field, FrozenMapping(getattr(self, field)))
         if not self.targets and self.predicate is None:
             raise ValueError("LoraConfig.targets is empty: give at least one regex, e.g. jaxlora.ALL_KERNELS")
         for field in ("targets", "exclude", "modules_to_save"):
             _check_regexes(field, getattr(self, field))
-        for field in ("rank_pattern", "alpha_pattern", "fan_in_ndim"):
+        for field in ("rank_pattern", "alpha_pattern", "fan_in_ndim", "stacked_axes", "layers_to_transform"):
             _check_regexes(field, tuple(getattr(self, field)))
         _check_rank("rank", self.rank)
         _check_alpha("alpha", self.alpha)
@@ -96,8 +103,22 @@ class LoraConfig:
         for pattern, alpha in self.alpha_pattern.items():
             _check_alpha(f"alpha_pattern[{pattern!r}]", alpha)
         for pattern, ndim in self.fan_in_ndim.items():
-            if not isinstance(ndim, int) or ndim < 1:
+            if isinstance(ndim, bool) or not isinstance(ndim, int) or ndim < 1:
                 raise ValueError(f"LoraConfig.fan_in_ndim[{pattern!r}] must be an int >= 1, got {ndim!r}")
+        for pattern, ndim in self.stacked_axes.items():
+            if isinstance(ndim, bool) or not isinstance(ndim, int) or ndim < 0:
+                raise ValueError(f"LoraConfig.stacked_axes[{pattern!r}] must be an int >= 0, got {ndim!r}")
+        layers = {}
+        for pattern, indices in self.layers_to_transform.items():
+            indices = (indices,) if isinstance(indices, int) else indices
+            if not isinstance(indices, list | tuple) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices
+            ):
+                raise ValueError(
+                    f"LoraConfig.layers_to_transform[{pattern!r}] must be layer indices (ints >= 0), got {indices!r}"
+                )
+            layers[pattern] = tuple(sorted(set(indices)))
+        object.__setattr__(self, "layers_to_transform", FrozenMapping(layers))
         if self.init not in _INITS:
             raise ValueError(f"LoraConfig.init must be one of {_INITS}, got {self.init!r}")
         if self.init_std is not None and not self.init_std > 0:
@@ -112,6 +133,10 @@ class LoraConfig:
     def alpha_for(self, path: str) -> float:
         """The alpha of the adapter at `path`: the first matching `alpha_pattern`, else `alpha`."""
         return _first_match(self.alpha_pattern, path, self.alpha)
+
+    def stacked_axes_for(self, path: str) -> int:
+        """How many leading axes of the kernel at `path` stack layers (0: not stacked)."""
+        return _first_match(self.stacked_axes, path, 0)
 
     def scale_for(self, path: str) -> float:
         """The factor s in `W + s·A B`: alpha/r, or alpha/sqrt(r) with rsLoRA."""
@@ -128,8 +153,9 @@ class LoraConfig:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "predicate"}
         for field in ("targets", "exclude", "modules_to_save"):
             out[field] = list(out[field])
-        for field in ("rank_pattern", "alpha_pattern", "fan_in_ndim"):
+        for field in ("rank_pattern", "alpha_pattern", "fan_in_ndim", "stacked_axes"):
             out[field] = dict(out[field])
+        out["layers_to_transform"] = {k: list(v) for k, v in self.layers_to_transform.items()}
         return out
 
     @classmethod

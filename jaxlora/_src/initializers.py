@@ -37,14 +37,24 @@ def _random_pair(key: jax.Array, leaf: LeafPlan, config: LoraConfig) -> dict[str
 
 
 def _pissa_pair(weight: jax.Array, leaf: LeafPlan) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """A, B from W's top-r singular triplets (s·A B = U_r S_r V_rᵀ), and the residual base W - s·A B."""
+    """A, B from W's top-r singular triplets (s·A B = U_r S_r V_rᵀ), and the residual base W - s·A B.
+
+    Per layer for a stacked leaf; layers outside `layers_to_transform` keep W and get A = B = 0.
+    """
     dtype = adapter_dtype(leaf.dtype)
-    w = jnp.asarray(weight, jnp.float32).reshape(leaf.fan_in, leaf.fan_out)
-    u, s, vt = top_singular(w, leaf.rank)
-    root = jnp.sqrt(s / leaf.scale)
-    a = u * root
-    b = root[:, None] * vt
-    residual = (w - leaf.scale * (a @ b)).reshape(leaf.shape).astype(weight.dtype)
+    w = jnp.asarray(weight, jnp.float32).reshape(leaf.num_layers, leaf.fan_in, leaf.fan_out)
+
+    def split(w):
+        u, s, vt = top_singular(w, leaf.rank)
+        root = jnp.sqrt(s / leaf.scale)
+        return u * root, root[:, None] * vt
+
+    a, b = jax.vmap(split)(w)
+    mask = leaf.layer_mask()
+    if mask is not None:
+        keep = jnp.asarray(mask.reshape(-1, 1, 1))
+        a, b = a * keep, b * keep
+    residual = (w - leaf.scale * jnp.einsum("lir,lro->lio", a, b)).reshape(leaf.shape).astype(weight.dtype)
     pair = {"lora_a": a.reshape(leaf.a_shape).astype(dtype), "lora_b": b.reshape(leaf.b_shape).astype(dtype)}
     return residual, pair
 

@@ -1,10 +1,14 @@
 """Running a flax.linen model with adapters applied factored: `x W + s·(x A) B`, W + s·A B never formed.
 
 `apply` intercepts the calls of every module whose type has a registered layer kind (see `layer_kinds`) and
-whose W has an adapter, and lets the kind compute the call. An adapter that no kind serves (a custom module
-reading its kernel itself, a kernel stacked by `nn.scan`, ...) is reported and merged into its weight for that
-call, or refused with `strict=True`. jaxlora's own options are arguments of `apply_fn`, never keywords of the
-call, so every keyword reaches the model; LoRA dropout draws from the `lora_dropout` rng stream.
+whose W has an adapter, and lets the kind compute the call. Adapters of stacked kernels (`stacked_axes`) travel
+inside the params collection, next to their kernel (`kernel:lora_a`, `kernel:lora_b`, and `kernel:lora_rng` for
+dropout), so that `nn.scan` / `nn.vmap` hand each layer its own slice exactly as they slice the kernel; the layer
+then computes `x W_l + s·(x A_l) B_l`, and no stacked or merged kernel is ever formed. An adapter that no kind
+serves (a custom module reading its kernel itself, a scanned kernel not declared in `stacked_axes`, ...) is
+reported and merged into its weight for that call, or refused with `strict=True`. jaxlora's own options are
+arguments of `apply_fn`, never keywords of the call, so every keyword reaches the model; LoRA dropout draws from
+the `lora_dropout` rng stream.
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ import jax
 from jaxlora._src.builtin_layers import inside_adapter
 from jaxlora._src.config import LoraConfig
 from jaxlora._src.layer_kinds import Adapter, LayerCall, kind_of
-from jaxlora._src.merging import add_deltas
-from jaxlora._src.planning import Plan, resolve
+from jaxlora._src.merging import add_deltas, masked_b
+from jaxlora._src.paths import PyTree
+from jaxlora._src.planning import LeafPlan, Plan, resolve
 
 DROPOUT_RNG = "lora_dropout"
 
@@ -33,13 +38,39 @@ def _holds(module: nn.Module, param: str, shape: tuple[int, ...]) -> bool:
     return tuple(module.get_variable("params", param).shape) == shape
 
 
-class _Interceptor:
-    """The `nn.intercept_methods` hook that serves registered layers factored and records which it served."""
+def _slot(param: str, name: str) -> str:
+    """The params entry that carries a stacked adapter's `name` ("lora_a", ...) next to the kernel `param`."""
+    return f"{param}:{name}"
 
-    def __init__(self, adapters: Mapping[str, Adapter], fast_dense: bool):
+
+class _Interceptor:
+    """The `nn.intercept_methods` hook that serves registered layers factored and records which it served.
+
+    `adapters` holds the unstacked adapters by path; `stacked` the plans of the stacked ones, whose per-layer
+    slices the module finds in its own params (see `_with_stacked_adapters`).
+    """
+
+    def __init__(self, adapters: Mapping[str, Adapter], stacked: Mapping[str, LeafPlan], dropout: float, fast_dense):
         self.adapters = adapters
+        self.stacked = stacked
+        self.dropout = dropout
         self.fast_dense = fast_dense
         self.served: set[str] = set()
+
+    def _layer_slice(self, module: nn.Module, param: str, path: str) -> Adapter | None:
+        """The adapter slice of the stacked layer `module` computes (inside nn.scan), or None if it has none."""
+        leaf = self.stacked.get(path)
+        if leaf is None or not module.has_variable("params", _slot(param, "lora_a")):
+            return None
+        a = module.get_variable("params", _slot(param, "lora_a"))
+        b = module.get_variable("params", _slot(param, "lora_b"))
+        k = leaf.stacked_axes
+        if a.shape != leaf.a_shape[k:] or b.shape != leaf.b_shape[k:] or not _holds(module, param, leaf.layer_shape):
+            return None  # the whole stack, not one layer of it: left to the merge fallback
+        rng = None
+        if module.has_variable("params", _slot(param, "lora_rng")):
+            rng = jax.random.wrap_key_data(module.get_variable("params", _slot(param, "lora_rng")))
+        return Adapter(a, b, leaf, self.dropout, rng)
 
     def __call__(self, next_fun, args, kwargs, context):
         module, method = context.module, context.method_name
@@ -49,7 +80,9 @@ class _Interceptor:
         path = "/".join((*module.path, kind.param))
         adapter = self.adapters.get(path)
         if adapter is not None and not _holds(module, kind.param, adapter.leaf.shape):
-            adapter = None  # e.g. a slice of a kernel stacked by nn.scan: left to the merge fallback
+            adapter = None  # e.g. a slice of a kernel stacked by nn.scan, not declared in stacked_axes
+        if adapter is None:
+            adapter = self._layer_slice(module, kind.param, path)
         planned_axes = None if adapter is None else adapter.leaf.fan_in_ndim
         if kind.contraction is not None and adapter is not None and kind.contraction(module) != planned_axes:
             return next_fun(*args, **kwargs)  # the layer contracts other axes than the adapter was planned for
@@ -67,6 +100,44 @@ class _Interceptor:
 def _dropout_rng(kwargs: Mapping[str, Any]) -> jax.Array | None:
     rngs = kwargs.get("rngs")
     return rngs.get(DROPOUT_RNG) if isinstance(rngs, Mapping) else None
+
+
+def _leaf_rng(dropout_rng: jax.Array | None, leaf: LeafPlan) -> jax.Array | None:
+    """The dropout key of one adapted leaf: one key per stacked layer, shaped like the stack."""
+    if dropout_rng is None:
+        return None
+    key = jax.random.fold_in(dropout_rng, zlib.crc32(leaf.path.encode()))
+    if not leaf.stacked_axes:
+        return key
+    return jax.random.split(key, leaf.num_layers).reshape(leaf.stack_shape)
+
+
+def _with_stacked_adapters(params: PyTree, entries: Mapping[str, Any]) -> PyTree:
+    """`params` (nested mappings) with extra leaves at the "/"-joined paths of `entries`, in new dicts."""
+    out = dict(params)
+    children: dict[str, dict[str, Any]] = {}
+    for path, value in entries.items():
+        head, _, rest = path.partition("/")
+        if rest:
+            children.setdefault(head, {})[rest] = value
+        else:
+            out[head] = value
+    for head, sub in children.items():
+        out[head] = _with_stacked_adapters(params[head], sub)
+    return out
+
+
+def _stacked_entries(flat: Mapping, plan: Plan, dropout_rng: jax.Array | None, paths) -> dict[str, Any]:
+    """The params entries carrying the stacked adapters at `paths`: A, B (masked to layers_to_transform), keys."""
+    entries = {}
+    for path in paths:
+        leaf = plan.leaves[path]
+        entries[f"{path}:lora_a"] = flat[path]["lora_a"]
+        entries[f"{path}:lora_b"] = masked_b(flat[path]["lora_b"], leaf)
+        rng = _leaf_rng(dropout_rng, leaf)
+        if rng is not None:
+            entries[f"{path}:lora_rng"] = jax.random.key_data(rng)
+    return entries
 
 
 def apply_fn(
@@ -106,18 +177,24 @@ def apply_fn(
         params = variables["params"]
         resolved = resolve(params, plan)
         flat = resolved.check_adapters(adapters)
-        dropout_rng = _dropout_rng(kwargs)
+        dropout_rng, dropout = _dropout_rng(kwargs), resolved.config.dropout
+        stacked = {path: leaf for path, leaf in resolved.leaves.items() if leaf.stacked_axes}
 
         def adapter(path: str) -> Adapter:
-            rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, zlib.crc32(path.encode()))
-            pair = flat[path]
-            return Adapter(pair["lora_a"], pair["lora_b"], resolved.leaves[path], resolved.config.dropout, rng)
+            leaf = resolved.leaves[path]
+            return Adapter(flat[path]["lora_a"], flat[path]["lora_b"], leaf, dropout, _leaf_rng(dropout_rng, leaf))
 
-        adapters_by_path = {path: adapter(path) for path in flat}
-        interceptor = _Interceptor(adapters_by_path, fast_dense)
-        with nn.intercept_methods(interceptor):
-            out = model.apply(variables, *args, **kwargs)
-        unserved = sorted(set(flat) - interceptor.served)
+        def run_with(params, unstacked, stacked_paths):
+            entries = _stacked_entries(flat, resolved, dropout_rng, stacked_paths)
+            served_stacked = {p: stacked[p] for p in stacked_paths}
+            interceptor = _Interceptor(unstacked, served_stacked, dropout, fast_dense)
+            with nn.intercept_methods(interceptor):
+                out = model.apply({**variables, "params": _with_stacked_adapters(params, entries)}, *args, **kwargs)
+            return out, interceptor.served
+
+        adapters_by_path = {path: adapter(path) for path in flat if path not in stacked}
+        out, served = run_with(params, adapters_by_path, list(stacked))
+        unserved = sorted(set(flat) - served)
         if not unserved:
             return out
         message = (
@@ -136,9 +213,8 @@ def apply_fn(
             stacklevel=3,
         )
         merged = add_deltas(params, {p: flat[p] for p in unserved}, resolved.leaves)
-        served = {p: a for p, a in adapters_by_path.items() if p not in unserved}
-        with nn.intercept_methods(_Interceptor(served, fast_dense)):
-            return model.apply({**variables, "params": merged}, *args, **kwargs)
+        still = {p: a for p, a in adapters_by_path.items() if p not in unserved}
+        return run_with(merged, still, [p for p in stacked if p not in unserved])[0]
 
     return run
 

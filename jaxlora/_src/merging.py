@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -44,21 +45,38 @@ def _matrix_product_bwd(residuals, g):
 _matrix_product.defvjp(_matrix_product_fwd, _matrix_product_bwd)
 
 
-def _scaled_product(a: jax.Array, b: jax.Array, scale: float | jax.Array) -> jax.Array:
-    """scale·A B in float32 for A (..., r) and B (r, ...), shaped (A's leading axes, B's trailing axes)."""
-    shape = (*a.shape[:-1], *b.shape[1:])
+def _scaled_product(a: jax.Array, b: jax.Array, scale: float | jax.Array, stacked_axes: int = 0) -> jax.Array:
+    """scale·A B in float32 for A (*stack, ..., r) and B (*stack, r, ...), layer by layer over the stack axes."""
+    stack = a.shape[:stacked_axes]
+    shape = (*a.shape[:-1], *b.shape[stacked_axes + 1 :])
     rank = a.shape[-1]
-    a = jnp.asarray(a, jnp.float32).reshape(-1, rank)
-    b = jnp.asarray(b, jnp.float32).reshape(rank, -1)
-    return (scale * _matrix_product(a, b)).reshape(shape)
+    if not stacked_axes:
+        a, b = jnp.asarray(a, jnp.float32).reshape(-1, rank), jnp.asarray(b, jnp.float32).reshape(rank, -1)
+        return (scale * _matrix_product(a, b)).reshape(shape)
+    a = jnp.asarray(a, jnp.float32).reshape(-1, math.prod(a.shape[stacked_axes:-1]), rank)
+    b = jnp.asarray(b, jnp.float32).reshape(math.prod(stack), rank, -1)
+    return (scale * jax.vmap(_matrix_product)(a, b)).reshape(shape)
 
 
-@functools.partial(jax.jit, static_argnames="dtype")
-def _added(weight: jax.Array, a: jax.Array, b: jax.Array, scale: float, dtype: Any) -> tuple[jax.Array, jax.Array]:
+@functools.partial(jax.jit, static_argnames=("dtype", "stacked_axes"))
+def _added(
+    weight: jax.Array, a: jax.Array, b: jax.Array, scale: float, dtype: Any, stacked_axes: int = 0
+) -> tuple[jax.Array, jax.Array]:
     """`W + scale·A B` cast to `dtype`, and whether it is all finite: one compiled pass, also when called eagerly
     (compiled once per shape and dtype; the scale is an argument, so rank and alpha patterns add no compiles)."""
-    out = jnp.asarray(weight, jnp.float32) + _scaled_product(a, b, jnp.float32(scale))
+    out = jnp.asarray(weight, jnp.float32) + _scaled_product(a, b, jnp.float32(scale), stacked_axes)
     return out.astype(dtype), jnp.isfinite(out).all()
+
+
+def masked_b(b: jax.Array, leaf: LeafPlan) -> jax.Array:
+    """B with the layers outside `layers_to_transform` zeroed (B itself when every layer is adapted).
+
+    The mask is a constant, so those layers' B also receive zero gradient and never move.
+    """
+    mask = leaf.layer_mask()
+    if mask is None:
+        return b
+    return b * jnp.asarray(mask, b.dtype).reshape(mask.shape + (1,) * (b.ndim - mask.ndim))
 
 
 def _check_finite(path: str, finite: jax.Array) -> None:
@@ -84,7 +102,8 @@ def add_deltas(
         if path not in pairs:
             return weight
         leaf = leaves[path]
-        out, finite = _added(weight, pairs[path]["lora_a"], pairs[path]["lora_b"], sign * leaf.scale, leaf.dtype)
+        a, b = pairs[path]["lora_a"], masked_b(pairs[path]["lora_b"], leaf)
+        out, finite = _added(weight, a, b, sign * leaf.scale, leaf.dtype, leaf.stacked_axes)
         if check_finite:
             _check_finite(path, finite)
         return out

@@ -23,7 +23,12 @@ from jaxlora._src.paths import PyTree, flatten_adapters, leaves_with_paths
 
 @dataclasses.dataclass(frozen=True)
 class LeafPlan:
-    """One adapted leaf: W of `shape` viewed as (fan_in, fan_out) by its first `fan_in_ndim` axes."""
+    """One adapted leaf: W of `shape` = (*stack, *in, *out), each layer viewed as (fan_in, fan_out).
+
+    The first `stacked_axes` axes stack layers (made by `nn.scan`, `nnx.vmap`, ...); each layer has its own
+    adapter, A (*stack, *in, r) and B (*stack, r, *out). `layers` lists the adapted layers (flattened stack
+    index), None meaning all of them.
+    """
 
     path: str
     shape: tuple[int, ...]
@@ -32,26 +37,54 @@ class LeafPlan:
     rank: int
     alpha: float
     scale: float
+    stacked_axes: int = 0
+    layers: tuple[int, ...] | None = None
+
+    @property
+    def stack_shape(self) -> tuple[int, ...]:
+        return self.shape[: self.stacked_axes]
+
+    @property
+    def layer_shape(self) -> tuple[int, ...]:
+        """The shape of one layer's W."""
+        return self.shape[self.stacked_axes :]
+
+    @property
+    def num_layers(self) -> int:
+        """How many stacked layers the leaf holds (1 when it is not stacked)."""
+        return math.prod(self.stack_shape)
+
+    @property
+    def num_adapted_layers(self) -> int:
+        return self.num_layers if self.layers is None else len(self.layers)
 
     @property
     def fan_in(self) -> int:
-        return math.prod(self.shape[: self.fan_in_ndim])
+        return math.prod(self.layer_shape[: self.fan_in_ndim])
 
     @property
     def fan_out(self) -> int:
-        return math.prod(self.shape[self.fan_in_ndim :])
+        return math.prod(self.layer_shape[self.fan_in_ndim :])
 
     @property
     def a_shape(self) -> tuple[int, ...]:
-        return (*self.shape[: self.fan_in_ndim], self.rank)
+        return (*self.stack_shape, *self.layer_shape[: self.fan_in_ndim], self.rank)
 
     @property
     def b_shape(self) -> tuple[int, ...]:
-        return (self.rank, *self.shape[self.fan_in_ndim :])
+        return (*self.stack_shape, self.rank, *self.layer_shape[self.fan_in_ndim :])
 
     @property
     def num_lora_params(self) -> int:
-        return self.rank * (self.fan_in + self.fan_out)
+        return self.num_adapted_layers * self.rank * (self.fan_in + self.fan_out)
+
+    def layer_mask(self) -> np.ndarray | None:
+        """1.0 for adapted layers and 0.0 for the others, shaped like the stack; None when every layer is adapted."""
+        if self.layers is None:
+            return None
+        mask = np.zeros(self.num_layers, np.float32)
+        mask[list(self.layers)] = 1.0
+        return mask.reshape(self.stack_shape)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,18 +158,22 @@ class Plan:
             for name, want in (("lora_a", leaf.a_shape), ("lora_b", leaf.b_shape)):
                 got = tuple(np.shape(pair[name]))
                 if got != want:
+                    stack = f", {leaf.num_layers} stacked layers" if leaf.stacked_axes else ""
                     raise ValueError(
-                        f"adapter {path}/{name} has shape {got}, but the config gives {want} "
-                        f"(rank {leaf.rank} for W {leaf.shape}); were these adapters made with another config?"
+                        f"adapter {path}/{name} has shape {got}, but the plan gives {want} (rank {leaf.rank} for "
+                        f"W {leaf.shape}{stack}); were these adapters made with another config or for another "
+                        "model? Create them with jaxlora.init(key, params, plan)"
                     )
         return flat
 
     def table(self) -> str:
         """Per-layer W, bias, A and B shapes and the parameter totals, as users print them."""
-        rows = [("layer", "W", "bias", "lora A", "lora B", "LoRA params")]
+        stacked = any(leaf.stacked_axes for leaf in self.leaves.values())
+        rows = [("layer", "W", "bias", "lora A", "lora B", *(("stacked layers",) if stacked else ()), "LoRA params")]
         for path, leaf in self.leaves.items():
             layer = path.rpartition("/")[0] or path
             bias = self.shapes.get(f"{layer}/bias")
+            layers = f"{leaf.num_adapted_layers} of {leaf.num_layers}" if leaf.stacked_axes else "-"
             rows.append(
                 (
                     layer,
@@ -144,13 +181,13 @@ class Plan:
                     _shape(bias) if bias is not None else "-",
                     _shape(leaf.a_shape),
                     _shape(leaf.b_shape),
+                    *((layers,) if stacked else ()),
                     f"{leaf.num_lora_params:,}",
                 )
             )
         for path in self.saved:
-            rows.append(
-                (path, _shape(self.shapes[path]), "", "trained in full", "", f"{math.prod(self.shapes[path]):,}")
-            )
+            size = f"{math.prod(self.shapes[path]):,}"
+            rows.append((path, _shape(self.shapes[path]), "", "trained in full", "", *(("",) if stacked else ()), size))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
@@ -236,7 +273,7 @@ def plan(params: PyTree, config: LoraConfig) -> Plan:
         targeted = [p for p in targeted if config.predicate(p, leaves[p])]
     if not targeted:
         raise ValueError("LoraConfig selects no leaf: every target is excluded or refused by the predicate")
-    for field in ("rank_pattern", "alpha_pattern", "fan_in_ndim"):
+    for field in ("rank_pattern", "alpha_pattern", "fan_in_ndim", "stacked_axes", "layers_to_transform"):
         bad = _unmatched(getattr(config, field), targeted)
         if bad:
             raise ValueError(_no_match_message(field, bad, targeted))
@@ -249,35 +286,7 @@ def plan(params: PyTree, config: LoraConfig) -> Plan:
             "narrow `targets` or add them to `exclude`"
         )
 
-    planned = {}
-    for path in targeted:
-        shape, dtype = shapes[path], dtypes[path]
-        if len(shape) < 2 or not jnp.issubdtype(dtype, jnp.floating):
-            raise ValueError(
-                f"LoRA target {path!r} is a {dtype} array of shape {shape}; adapters need a floating-point "
-                "array of rank >= 2: narrow `targets` or add it to `exclude`"
-            )
-        fan_in_ndim = _first_match(config.fan_in_ndim, path, len(shape) - 1)
-        if fan_in_ndim >= len(shape):
-            raise ValueError(
-                f"fan_in_ndim={fan_in_ndim} for {path!r} of shape {shape} leaves no output axis; "
-                f"use 1..{len(shape) - 1}"
-            )
-        entry = LeafPlan(
-            path=path,
-            shape=shape,
-            dtype=np.dtype(dtype),
-            fan_in_ndim=fan_in_ndim,
-            rank=config.rank_for(path),
-            alpha=float(config.alpha_for(path)),
-            scale=config.scale_for(path),
-        )
-        if entry.rank > min(entry.fan_in, entry.fan_out):
-            raise ValueError(
-                f"rank {entry.rank} for {path!r} exceeds min(fan_in, fan_out) = {min(entry.fan_in, entry.fan_out)} "
-                f"of W {shape}; a LoRA update cannot have a higher rank than W: lower `rank` or set `rank_pattern`"
-            )
-        planned[path] = entry
+    planned = {path: _leaf_plan(path, shapes[path], dtypes[path], config) for path in targeted}
     return Plan(
         config=config,
         leaves=FrozenMapping(planned),
@@ -286,6 +295,57 @@ def plan(params: PyTree, config: LoraConfig) -> Plan:
         dtypes=FrozenMapping(dtypes),
         treedef=jax.tree.structure(params),
     )
+
+
+def _leaf_plan(path: str, shape: tuple[int, ...], dtype: Any, config: LoraConfig) -> LeafPlan:
+    """The plan of one targeted leaf, after checking that it can carry the adapter the config asks for."""
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(
+            f"LoRA target {path!r} is a {dtype} array of shape {shape}; adapters need a floating-point "
+            "array of rank >= 2: narrow `targets` or add it to `exclude`"
+        )
+    stacked = config.stacked_axes_for(path)
+    if len(shape) - stacked < 2:
+        limit = len(shape) - 2
+        fix = f"use at most {limit}" if limit >= 0 else "narrow `targets` or add it to `exclude`"
+        raise ValueError(
+            f"LoRA target {path!r} of shape {shape} with stacked_axes={stacked} leaves "
+            f"{max(len(shape) - stacked, 0)} axes per layer; a layer's W needs an input and an output axis: {fix}"
+        )
+    fan_in_ndim = _first_match(config.fan_in_ndim, path, len(shape) - stacked - 1)
+    if fan_in_ndim >= len(shape) - stacked:
+        raise ValueError(
+            f"fan_in_ndim={fan_in_ndim} for {path!r} of shape {shape} (stacked_axes={stacked}) leaves no output "
+            f"axis; use 1..{len(shape) - stacked - 1}"
+        )
+    entry = LeafPlan(
+        path=path,
+        shape=shape,
+        dtype=np.dtype(dtype),
+        fan_in_ndim=fan_in_ndim,
+        rank=config.rank_for(path),
+        alpha=float(config.alpha_for(path)),
+        scale=config.scale_for(path),
+        stacked_axes=stacked,
+        layers=_first_match(config.layers_to_transform, path, None),
+    )
+    if entry.layers is not None:
+        if not stacked:
+            raise ValueError(
+                f"layers_to_transform selects layers of {path!r}, but its kernel {shape} is not stacked: "
+                "set stacked_axes for it, or drop it from layers_to_transform"
+            )
+        if entry.layers and entry.layers[-1] >= entry.num_layers:
+            raise ValueError(
+                f"layers_to_transform for {path!r} names layer {entry.layers[-1]}, but it stacks "
+                f"{entry.num_layers} layers (shape {entry.stack_shape}); use indices 0..{entry.num_layers - 1}"
+            )
+    if entry.rank > min(entry.fan_in, entry.fan_out):
+        raise ValueError(
+            f"rank {entry.rank} for {path!r} exceeds min(fan_in, fan_out) = {min(entry.fan_in, entry.fan_out)} "
+            f"of W {shape}; a LoRA update cannot have a higher rank than W: lower `rank` or set `rank_pattern`"
+        )
+    return entry
 
 
 def resolve(params: PyTree, plan_or_config: Plan | LoraConfig) -> Plan:
