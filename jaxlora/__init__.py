@@ -8,6 +8,7 @@ import warnings as _warnings
 
 from jaxlora import analysis, checkpoint, layers, name_maps, peft_format
 from jaxlora._src.builtin_layers import register_builtin_layers as _register_builtin_layers
+from jaxlora._src.builtin_nnx_layers import register_builtin_nnx_layers as _register_builtin_nnx_layers
 from jaxlora._src.config import ALL_EMBEDDINGS, ALL_KERNELS, LoraConfig
 from jaxlora._src.immutable import FrozenMapping
 from jaxlora._src.initializers import init
@@ -15,11 +16,13 @@ from jaxlora._src.interception import DROPOUT_RNG, apply, apply_fn
 from jaxlora._src.layer_kinds import register_layer, unregister_layer
 from jaxlora._src.linear import lora_linear
 from jaxlora._src.merging import merge, unmerge
+from jaxlora._src.nnx_interception import apply_nnx, apply_nnx_fn
 from jaxlora._src.partitioning import combine, count_params, labels, optimizer, partition
 from jaxlora._src.planning import LeafPlan, Plan, plan, summary
 from jaxlora._src.sharding import adapter_shardings, adapter_specs
 
 _register_builtin_layers()
+_register_builtin_nnx_layers()
 
 __version__ = "0.2.0"
 
@@ -36,6 +39,8 @@ __all__ = [
     "analysis",
     "apply",
     "apply_fn",
+    "apply_nnx",
+    "apply_nnx_fn",
     "checkpoint",
     "combine",
     "count_params",
