@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import re
@@ -579,3 +580,72 @@ def test_gpt2_tied_embedding_adapter_is_refused_both_ways(tmp_path, gpt2):
     peft_model.save_pretrained(tmp_path / "adapter")
     with pytest.raises(ValueError, match=r"'transformer.wte' has an Embedding LoRA on a table tied to the output head"):
         load_peft(tmp_path / "adapter", base, name_map=gpt2_lib.PEFT_NAME_MAP)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPT-2 with scanned blocks: stacked adapters written as per-layer PEFT keys and restacked on import
+
+
+@pytest.fixture(scope="module")
+def gpt2_scanned(gpt2):
+    directory, model, _base = gpt2
+    config = dataclasses.replace(model.config, scan_layers=True)
+    return directory, gpt2_lib.GPT2(config), gpt2_lib.load_hf_weights(directory, config)
+
+
+SCANNED_TARGETS = (r"h/(attn/c_attn|attn/c_proj|mlp/c_fc|mlp/c_proj)/kernel",)
+
+
+def test_scanned_gpt2_equals_the_unscanned_model_and_transformers(gpt2, gpt2_scanned):
+    directory, model, base = gpt2
+    _, scanned, stacked = gpt2_scanned
+    assert stacked["h"]["attn"]["c_attn"]["kernel"].shape == (2, 32, 96)
+    want = model.apply({"params": base}, _tokens())
+    np.testing.assert_allclose(scanned.apply({"params": stacked}, _tokens()), want, atol=1e-5)
+    with torch.no_grad():
+        hf = transformers.GPT2LMHeadModel.from_pretrained(directory).eval()
+        reference = hf(input_ids=torch.tensor(_tokens())).logits.numpy()
+    np.testing.assert_allclose(scanned.apply({"params": stacked}, _tokens()), reference, atol=ATOL)
+    assert jax.tree.all(jax.tree.map(np.array_equal, gpt2_lib.unstack_layers(stacked), base))
+
+
+def test_scanned_gpt2_jax_to_peft_writes_per_layer_keys(tmp_path, gpt2_scanned, caplog):
+    directory, model, base = gpt2_scanned
+    config = jaxlora.LoraConfig(
+        rank=4, alpha=8.0, targets=SCANNED_TARGETS, stacked_axes={"h/.*": 1}, layers_to_transform={"h/mlp/.*": (1,)}
+    )
+    plan = jaxlora.plan(base, config)
+    _, adapters = jaxlora.init(jax.random.key(1), base, plan)
+    adapters = _randomise(adapters, 4, std=0.2)
+    save_peft(tmp_path / "adapter", base, adapters, plan, name_map=gpt2_lib.PEFT_NAME_MAP_SCANNED)
+    written = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert "transformer.h.1.attn.c_attn" in written["target_modules"] and len(written["target_modules"]) == 6
+    assert "transformer.h.0.mlp.c_fc" not in written["target_modules"]  # layer 0 of the MLP is not adapted
+    torch_model = transformers.GPT2LMHeadModel.from_pretrained(directory).eval()
+    peft_model = _load_without_peft_warnings(torch_model, tmp_path / "adapter", caplog)
+    with torch.no_grad():
+        got = peft_model(input_ids=torch.tensor(_tokens())).logits.numpy()
+    want = jaxlora.apply_fn(model, plan, strict=True)({"params": base}, adapters, _tokens())
+    np.testing.assert_allclose(got, want, atol=ATOL)
+    assert not np.allclose(want, model.apply({"params": base}, _tokens()), atol=1e-2)
+    _, again, again_plan = load_peft(tmp_path / "adapter", base, name_map=gpt2_lib.PEFT_NAME_MAP_SCANNED)
+    assert again_plan.leaves["h/mlp/c_fc/kernel"].layers == (1,)
+    np.testing.assert_allclose(jaxlora.apply(model, {"params": base}, again, again_plan, _tokens()), want, atol=1e-5)
+
+
+def test_scanned_gpt2_peft_to_jax_restacks_the_layers(tmp_path, gpt2_scanned):
+    directory, model, base = gpt2_scanned
+    torch_model = transformers.GPT2LMHeadModel.from_pretrained(directory)
+    peft_config = peft.LoraConfig(
+        r=4, lora_alpha=16, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True, task_type="CAUSAL_LM"
+    )
+    peft_model = peft.get_peft_model(torch_model, peft_config)
+    _randomise_torch(peft_model, 1, std=0.2)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        want = peft_model.eval()(input_ids=torch.tensor(_tokens())).logits.numpy()
+    params, adapters, plan = load_peft(tmp_path / "adapter", base, name_map=gpt2_lib.PEFT_NAME_MAP_SCANNED)
+    assert adapters["h"]["attn"]["c_attn"]["kernel"]["lora_a"].shape == (2, 32, 4)
+    assert plan.leaves["h/attn/c_attn/kernel"].stacked_axes == 1
+    got = jaxlora.apply_fn(model, plan, strict=True)({"params": params}, adapters, _tokens())
+    np.testing.assert_allclose(got, want, atol=ATOL)

@@ -228,3 +228,19 @@ def test_bad_stacking_is_refused_naming_the_path_and_the_fix():
         r"\(4, 40, 3\) .*4 stacked layers",
     ):
         jaxlora.apply(model, {"params": params}, shorter, plan, x)
+
+
+def test_stacked_adapters_keep_the_stack_axes_sharding_of_their_kernel():
+    _, _, params, plan, _ = _setup(randomize=False)
+    specs = jax.tree.map(lambda _: None, params)
+    specs["layers"]["up"]["kernel"] = jax.P("pipe", "data", "model")
+    specs["layers"]["down"]["kernel"] = jax.P("pipe", "model", None)
+    out = jaxlora.adapter_specs(plan, specs)
+    assert out["layers"]["up"]["kernel"] == {
+        "lora_a": jax.P("pipe", "data", None),
+        "lora_b": jax.P("pipe", None, "model"),
+    }
+    assert out["layers"]["down"]["kernel"] == {
+        "lora_a": jax.P("pipe", "model", None),
+        "lora_b": jax.P("pipe", None, None),
+    }

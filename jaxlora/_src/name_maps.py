@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -136,17 +136,31 @@ def _torch_shape(shape: tuple[int, ...], leaf: str, layout: str) -> list[tuple[i
     return [(math.prod(shape[k:]), math.prod(shape[:k])) for k in range(len(shape) - 1, 0, -1)]
 
 
-def module_table(paths: Iterable[str], name_map: NameMap = ()) -> dict[str, tuple[str, str, tuple[str, ...]]]:
-    """``{torch module name: (our module path, layout, our leaf names)}`` for every module in `paths` with a name.
+class TorchModule(NamedTuple):
+    """One torch module of a model: our module path, its torch layout, our leaf names, and, for a module whose
+    layers are stacked (a name map template with ``{layer}``), which layer of the stack it is."""
 
-    Modules the generic rule cannot name (a '.' in the path) are left out. Raises ValueError when two of our
-    modules get the same torch name (a name map that is not one-to-one).
+    path: str
+    layout: str
+    leaves: tuple[str, ...]
+    layer: int | None = None
+
+
+def module_table(
+    paths: Iterable[str] | Mapping[str, tuple[int, ...]], name_map: NameMap = ()
+) -> dict[str, TorchModule]:
+    """``{torch module name: TorchModule}`` for every module in `paths` with a name.
+
+    A name map template containing ``{layer}`` names a stacked module (leaves of shape (L, ...)): it is expanded
+    into one torch module per layer, which needs `paths` to be a mapping from path to shape. Modules the generic
+    rule cannot name (a '.' in the path) are left out. Raises ValueError when two of our modules get the same
+    torch name (a name map that is not one-to-one).
     """
     leaves_of: dict[str, list[str]] = {}
     for path in paths:
         module_path, _, leaf = path.rpartition("/")
         leaves_of.setdefault(module_path, []).append(leaf)
-    table: dict[str, tuple[str, str, tuple[str, ...]]] = {}
+    table: dict[str, TorchModule] = {}
     for module_path, leaves in leaves_of.items():
         main = next((leaf for leaf in leaves if leaf in _GENERIC_LAYOUT), leaves[0])
         try:
@@ -155,10 +169,20 @@ def module_table(paths: Iterable[str], name_map: NameMap = ()) -> dict[str, tupl
             if any(re.fullmatch(row[0], module_path) for row in name_map):
                 raise  # a bad row, not a module outside the map
             continue
-        if name in table:
-            raise ValueError(
-                f"the name map gives torch module {name!r} to both {table[name][0]!r} and {module_path!r}; "
-                "make its rows one-to-one"
-            )
-        table[name] = (module_path, layout, tuple(leaves))
+        entries = {name: TorchModule(module_path, layout, tuple(leaves))}
+        if "{layer}" in name:
+            if not isinstance(paths, Mapping):
+                raise ValueError(f"module_table needs the leaf shapes to expand the stacked module {module_path!r}")
+            num_layers = paths[f"{module_path}/{main}"][0]
+            entries = {
+                name.replace("{layer}", str(i)): TorchModule(module_path, layout, tuple(leaves), i)
+                for i in range(num_layers)
+            }
+        for torch_name, entry in entries.items():
+            if torch_name in table:
+                raise ValueError(
+                    f"the name map gives torch module {torch_name!r} to both {table[torch_name].path!r} and "
+                    f"{module_path!r}; make its rows one-to-one"
+                )
+            table[torch_name] = entry
     return table

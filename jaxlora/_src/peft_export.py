@@ -18,7 +18,7 @@ from jaxlora._src.config import LoraConfig
 from jaxlora._src.name_maps import NameMap, module_table, to_torch, torch_module, torch_param
 from jaxlora._src.paths import PyTree, leaves_with_paths
 from jaxlora._src.peft_keys import CONFIG_NAME, PREFIX, WEIGHTS_NAME
-from jaxlora._src.planning import Plan, resolve
+from jaxlora._src.planning import LeafPlan, Plan, resolve
 from jaxlora._src.safetensors_io import write_tensors
 
 TorchName = Callable[[str], tuple[str, str]]
@@ -74,15 +74,16 @@ def _adapter_tensors(plan: Plan, pairs: Mapping, torch_name: TorchName, names: l
     tensors: dict[str, np.ndarray] = {}
     targets, layouts, rank_pattern, alpha_pattern = [], set(), {}, {}
     for path, leaf in plan.leaves.items():
-        name, layout = torch_name(path)
-        for suffix, tensor in _lora_tensors(pairs[path], layout, path).items():
-            tensors[f"{PREFIX}{name}.{suffix}"] = tensor
-        targets.append(name)
-        layouts.add(layout)
-        if leaf.rank != config.rank:
-            rank_pattern[_pattern_key(name, names)] = leaf.rank
-        if leaf.alpha != config.alpha:
-            alpha_pattern[_pattern_key(name, names)] = _peft_number(leaf.alpha)
+        template, layout = torch_name(path)
+        for name, pair in _per_layer(path, leaf, pairs[path], template):
+            for suffix, tensor in _lora_tensors(pair, layout, path).items():
+                tensors[f"{PREFIX}{name}.{suffix}"] = tensor
+            targets.append(name)
+            layouts.add(layout)
+            if leaf.rank != config.rank:
+                rank_pattern[_pattern_key(name, names)] = leaf.rank
+            if leaf.alpha != config.alpha:
+                alpha_pattern[_pattern_key(name, names)] = _peft_number(leaf.alpha)
         peft_scale = leaf.alpha / (math.sqrt(leaf.rank) if config.use_rslora else leaf.rank)
         if not math.isclose(peft_scale, leaf.scale, rel_tol=1e-6):
             raise RuntimeError(f"PEFT would scale {path!r} by {peft_scale}, jaxlora by {leaf.scale}: please report")
@@ -95,6 +96,24 @@ def _adapter_tensors(plan: Plan, pairs: Mapping, torch_name: TorchName, names: l
     return tensors, entries
 
 
+def _per_layer(path: str, leaf: LeafPlan, pair: Mapping, template: str) -> list[tuple[str, dict]]:
+    """(torch module name, pair) for every adapted layer: one for a plain leaf, one per layer for a stacked one."""
+    if not leaf.stacked_axes:
+        if "{layer}" in template:
+            raise ValueError(f"the name map names {path!r} per layer ({template!r}), but the plan does not stack it")
+        return [(template, pair)]
+    if "{layer}" not in template:
+        raise ValueError(
+            f"cannot export the stacked adapter of {path!r} to PEFT: PEFT keeps one module per layer, and the name "
+            f"map gives {template!r}; use a row whose torch name holds a {{layer}} placeholder "
+            '(e.g. "transformer.h.{layer}.attn.c_attn")'
+        )
+    a = np.asarray(pair["lora_a"]).reshape(leaf.num_layers, *leaf.a_shape[leaf.stacked_axes :])
+    b = np.asarray(pair["lora_b"]).reshape(leaf.num_layers, *leaf.b_shape[leaf.stacked_axes :])
+    layers = range(leaf.num_layers) if leaf.layers is None else leaf.layers
+    return [(template.replace("{layer}", str(i)), {"lora_a": a[i], "lora_b": b[i]}) for i in layers]
+
+
 def _saved_tensors(plan: Plan, params: PyTree, torch_name: TorchName, names: list[str]) -> tuple[dict, list[str]]:
     """The full weights of the modules_to_save modules under their torch names, and those module names."""
     values = dict(leaves_with_paths(params))
@@ -103,6 +122,11 @@ def _saved_tensors(plan: Plan, params: PyTree, torch_name: TorchName, names: lis
     for path in {p.rpartition("/")[0]: p for p in plan.saved}.values():
         module_path = path.rpartition("/")[0]
         name, layout = torch_name(path)
+        if "{layer}" in name:
+            raise ValueError(
+                f"cannot export {path!r} as a PEFT modules_to_save entry: it is stacked, and PEFT saves whole "
+                "torch modules; train it as an adapter, or unstack the model before exporting"
+            )
         saved_modules.append(name)
         for leaf_name, value in _leaves_of(module_path, values).items():
             tensors[f"{PREFIX}{name}.{torch_param(leaf_name, layout)}"] = to_torch(value, leaf_name, layout)
@@ -180,7 +204,7 @@ def save_peft(
     pairs = resolved.check_adapters(adapters)
     modules = module_table(resolved.shapes, name_map)
     names = list(modules)
-    by_path = {module_path: (name, layout) for name, (module_path, layout, _) in modules.items()}
+    by_path = {m.path: (name, m.layout) for name, m in modules.items() if m.layer is None}
 
     def torch_name(path: str) -> tuple[str, str]:
         module_path, _, leaf = path.rpartition("/")

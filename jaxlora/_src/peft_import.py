@@ -116,13 +116,14 @@ class _Factors(NamedTuple):
 
 
 class _Converted(NamedTuple):
-    """Our adapters and, per adapted path, what the config must say about it."""
+    """Our adapters and, per adapted path, what the config must say about it (`layers` only for stacked ones)."""
 
     pairs: dict[str, dict[str, Any]]
     ranks: dict[str, int]
     alphas: dict[str, float]
     fan_in_ndims: dict[str, int]
     scales: dict[str, float]
+    layers: dict[str, tuple[int, ...] | None]
 
 
 def _read_directory(directory: Path) -> tuple[dict[str, Any], dict[str, Any], Path]:
@@ -187,8 +188,8 @@ def _check_coverage(factors: Mapping[str, Any], modules: Modules, peft_config: M
         return
     expected = sorted(
         name
-        for name, (_, layout, leaves) in modules.items()
-        if _peft_targets(name, peft_config) and ("kernel" in leaves or "embedding" in leaves)
+        for name, module in modules.items()
+        if _peft_targets(name, peft_config) and ("kernel" in module.leaves or "embedding" in module.leaves)
     )
     missing = [name for name in expected if name not in factors]
     if missing:
@@ -200,7 +201,7 @@ def _check_coverage(factors: Mapping[str, Any], modules: Modules, peft_config: M
 
 def _module_path(name: str, kind: str, factor: Mapping[str, Any], modules: Modules, source: Path) -> str:
     """Our param path for the LoRA factors of torch module `name`, after checking they fit that module."""
-    module_path, layout, leaves = modules[name]
+    module_path, layout, leaves, _ = modules[name]
     missing_factor = {"lora_a", "lora_b"} - set(factor)
     if missing_factor:
         key = {"linear": "lora_A.weight", "embedding": "lora_embedding_A"}[kind]
@@ -227,12 +228,23 @@ def _convert_factors(
     """Our (A, B) for every adapted module, with the rank, alpha, fan_in_ndim and scale PEFT gives it."""
     r_default, alpha_default = peft_config.get("r", 8), peft_config.get("lora_alpha", 8)
     use_rslora = bool(peft_config.get("use_rslora", False))
-    out = _Converted({}, {}, {}, {}, {})
+    out = _Converted({}, {}, {}, {}, {}, {})
+    per_layer: dict[str, dict[int, dict[str, Any]]] = {}
     for name, factor in sorted(sorted_.factors.items()):
-        kind = sorted_.kinds[name]
+        kind, layer = sorted_.kinds[name], modules[name].layer
         path = _module_path(name, kind, factor, modules, source)
-        out.pairs[path], out.fan_in_ndims[path] = _convert_pair(factor, kind, name, path, shapes[path], str(source))
-        rank = out.ranks[path] = out.pairs[path]["lora_a"].shape[-1]
+        shape = shapes[path] if layer is None else shapes[path][1:]
+        pair, out.fan_in_ndims[path] = _convert_pair(factor, kind, name, path, shape, str(source))
+        if layer is None:
+            out.pairs[path] = pair
+        else:
+            per_layer.setdefault(path, {})[layer] = pair
+        rank = pair["lora_a"].shape[-1]
+        if out.ranks.setdefault(path, rank) != rank:
+            raise ValueError(
+                f"{source}: the layers of {path!r} have LoRA ranks {out.ranks[path]} and {rank}; jaxlora stacks one "
+                "rank per stacked kernel: export the adapter with one rank for these modules"
+            )
         want_rank = _pattern_value(peft_config.get("rank_pattern") or {}, name, r_default)
         if rank != want_rank:
             raise ValueError(
@@ -241,9 +253,21 @@ def _convert_factors(
             )
         alpha = out.alphas[path] = float(_pattern_value(peft_config.get("alpha_pattern") or {}, name, alpha_default))
         out.scales[path] = alpha / (math.sqrt(rank) if use_rslora else rank)
+    for path, layers in per_layer.items():
+        out.pairs[path], out.layers[path] = _stacked_pair(layers, shapes[path][0])
     if not out.pairs:
         raise ValueError(f"{source} holds no LoRA weights")
     return out
+
+
+def _stacked_pair(layers: Mapping[int, Mapping[str, Any]], num_layers: int) -> tuple[dict, tuple[int, ...] | None]:
+    """One stacked (A, B) from per-layer pairs (zeros for the layers the file has none for), and those layers."""
+    some = next(iter(layers.values()))
+    stacked = {
+        name: jnp.stack([layers[i][name] if i in layers else jnp.zeros_like(some[name]) for i in range(num_layers)])
+        for name in ("lora_a", "lora_b")
+    }
+    return stacked, None if len(layers) == num_layers else tuple(sorted(layers))
 
 
 def _jaxlora_config(
@@ -260,7 +284,13 @@ def _jaxlora_config(
         use_rslora=bool(peft_config.get("use_rslora", False)),
         dropout=float(peft_config.get("lora_dropout", 0.0)),
         modules_to_save=tuple(re.escape(p) for p in saved_paths),
-        fan_in_ndim={re.escape(p): k for p, k in converted.fan_in_ndims.items() if k != len(shapes[p]) - 1},
+        fan_in_ndim={
+            re.escape(p): k
+            for p, k in converted.fan_in_ndims.items()
+            if k != len(shapes[p]) - (p in converted.layers) - 1
+        },
+        stacked_axes={re.escape(p): 1 for p in converted.layers},
+        layers_to_transform={re.escape(p): layers for p, layers in converted.layers.items() if layers is not None},
     )
 
 
@@ -345,9 +375,14 @@ def _load_saved(
 ) -> tuple[PyTree, list[str]]:
     """`params` with the modules_to_save weights in `tensors` put in, and the paths they replaced."""
     values: dict[str, Any] = {}
-    for name, (module_path, layout, leaves) in modules.items():
+    for name, (module_path, layout, leaves, layer) in modules.items():
         if not any(name.endswith(m) for m in saved_names):
             continue
+        if layer is not None:
+            raise ValueError(
+                f"{source}: modules_to_save names {name!r}, one layer of our stacked {module_path!r}; jaxlora "
+                "cannot put one layer's full weights into a stack: load it into the unstacked model"
+            )
         for leaf in leaves:
             key = f"{name}.{torch_param(leaf, layout)}"
             path = f"{module_path}/{leaf}"

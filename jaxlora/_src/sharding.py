@@ -25,7 +25,7 @@ def adapter_specs(*args: Any) -> dict:
     """PartitionSpecs for the adapters, given the params' PartitionSpecs (same tree structure).
 
     For W sharded as P(*in_axes, *out_axes): A gets P(*in_axes, None) and B gets P(None, *out_axes);
-    the rank axis is never sharded (it is small).
+    the rank axis is never sharded (it is small). Stack axes (`stacked_axes`) keep W's sharding in both.
 
     Args:
       plan: from `jaxlora.plan(params, config)` (0.1's `(params, param_specs, config)` still works).
@@ -50,8 +50,11 @@ def adapter_specs(*args: Any) -> dict:
         spec = specs.get(path)
         spec = tuple(spec) if spec is not None else ()
         spec = spec + (None,) * (len(leaf.shape) - len(spec))
-        k = leaf.fan_in_ndim
-        out[path] = {"lora_a": PartitionSpec(*spec[:k], None), "lora_b": PartitionSpec(None, *spec[k:])}
+        stack, k = leaf.stacked_axes, leaf.stacked_axes + leaf.fan_in_ndim
+        out[path] = {
+            "lora_a": PartitionSpec(*spec[:k], None),
+            "lora_b": PartitionSpec(*spec[:stack], None, *spec[k:]),
+        }
     return unflatten_adapters(out)
 
 

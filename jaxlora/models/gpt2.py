@@ -64,6 +64,7 @@ class GPT2Config:
     dropout: float = 0.1
     activation: str = "gelu_new"  # "gelu_new" (tanh approximation, GPT-2's) or "gelu" (exact)
     initializer_range: float = 0.02
+    scan_layers: bool = False  # blocks stacked by nn.scan under "h" (kernels (n_layer, in, out)), not h_0, h_1, ...
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
@@ -166,6 +167,32 @@ class Block(nn.Module):
         return x + MLP(self.config, name="mlp")(nn.LayerNorm(eps, name="ln_2")(x), deterministic)
 
 
+class _ScannedBlock(Block):
+    """A Block with nn.scan's (carry, x) -> (carry, y) signature; `deterministic` is static, so an attribute."""
+
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array) -> tuple[jax.Array, None]:
+        return Block.__call__(self, x, mask, self.deterministic), None
+
+
+def _blocks(cfg: GPT2Config, x: jax.Array, mask: jax.Array, deterministic: bool) -> jax.Array:
+    """The n_layer blocks: h_0, h_1, ... or, with `scan_layers`, one nn.scan over stacked params under "h"."""
+    if not cfg.scan_layers:
+        for i in range(cfg.n_layer):
+            x = Block(cfg, name=f"h_{i}")(x, mask, deterministic)
+        return x
+    scanned = nn.scan(
+        _ScannedBlock,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=nn.broadcast,
+        length=cfg.n_layer,
+    )
+    return scanned(cfg, deterministic, name="h")(x, mask)[0]
+
+
 def _attention_mask(length: int, attention_mask: jax.Array | None) -> jax.Array:
     """Boolean (batch|1, 1, query, key) mask: causal, and optionally hiding padded keys."""
     mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
@@ -190,8 +217,7 @@ def _transformer(
     x = wte(input_ids) + wpe(jnp.arange(length)[None])
     x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
     mask = _attention_mask(length, attention_mask)
-    for i in range(cfg.n_layer):
-        x = Block(cfg, name=f"h_{i}")(x, mask, deterministic)
+    x = _blocks(cfg, x, mask, deterministic)
     return nn.LayerNorm(cfg.layer_norm_epsilon, name="ln_f")(x), wte
 
 
@@ -320,6 +346,26 @@ PEFT_NAME_MAP: tuple[ModuleName, ...] = (
     ModuleName(r"head", "score", "linear"),  # GPT2ForSequenceClassification's head
 )
 
+# The same for scan_layers=True: one module path "h/..." holds every block; {layer} becomes each block's index.
+PEFT_NAME_MAP_SCANNED: tuple[ModuleName, ...] = tuple(
+    ModuleName(row.pattern.replace(r"h_(\d+)", "h"), row.module.replace(r"\1", "{layer}"), row.layout)
+    for row in PEFT_NAME_MAP
+)
+
+
+def stack_layers(params: Params, n_layer: int) -> Params:
+    """The scan_layers=True params from unscanned ones: h_0 ... h_{n-1} stacked leaf by leaf under "h"."""
+    blocks = [params[f"h_{i}"] for i in range(n_layer)]
+    rest = {k: v for k, v in params.items() if not re.fullmatch(r"h_\d+", k)}
+    return {**rest, "h": jax.tree.map(lambda *leaves: jnp.stack(leaves), *blocks)}
+
+
+def unstack_layers(params: Params) -> Params:
+    """The unscanned params from scan_layers=True ones: "h" split into h_0, h_1, ..."""
+    n_layer = jax.tree.leaves(params["h"])[0].shape[0]
+    rest = {k: v for k, v in params.items() if k != "h"}
+    return {**rest, **{f"h_{i}": jax.tree.map(lambda leaf, i=i: leaf[i], params["h"]) for i in range(n_layer)}}
+
 
 def torch_module_name(module_path: str) -> tuple[str, str]:
     """Torch module name and layout for one of our module paths, e.g. "h_0/attn/c_attn" -> ("transformer.h.0...")."""
@@ -447,7 +493,8 @@ def load_hf_weights(
     ``path_or_repo``: a ``model.safetensors`` file, a directory holding one (or a sharded index), or a hub id such
     as ``"openai-community/gpt2"`` (downloaded with huggingface_hub when online). Shapes are checked against
     ``config`` when given, else against the ``config.json`` beside the weights, else against the weights
-    themselves. Causal-mask buffers are ignored; a tied ``lm_head.weight`` is checked and dropped.
+    themselves. Causal-mask buffers are ignored; a tied ``lm_head.weight`` is checked and dropped. With
+    ``config.scan_layers`` the blocks come back stacked under "h" (see `stack_layers`).
     """
     files, config_path = _weight_files(path_or_repo)
     tensors = _strip_prefix(read_tensors(files))
@@ -468,7 +515,7 @@ def load_hf_weights(
 
     expected = {
         torch_param_name(path).removeprefix("transformer."): (path, shape)
-        for path, shape in _expected_shapes(config).items()
+        for path, shape in _expected_shapes(dataclasses.replace(config, scan_layers=False)).items()
     }
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -488,4 +535,4 @@ def load_hf_weights(
         for name in parents:
             node = node.setdefault(name, {})
         node[leaf] = jnp.asarray(value, dtype)
-    return params
+    return stack_layers(params, config.n_layer) if config.scan_layers else params
