@@ -54,6 +54,7 @@ from jaxlora.models.gpt2 import (
     config_from_hf,
     generate_greedy,
     load_hf_weights,
+    stack_layers,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -62,6 +63,7 @@ import spam_data
 HUB_ID = "openai-community/gpt2"
 PUBLISHED_TRAINABLE = 2_666_528  # the recipe's count: LoRA r=16 on GPT-2 124M with separate q/k/v and the head
 BLOCK_LINEARS = r"h_\d+/(attn|mlp)/(c_attn|c_proj|c_fc)/kernel"
+SCANNED_BLOCK_LINEARS = r"h/(attn|mlp)/(c_attn|c_proj|c_fc)/kernel"  # --scan-layers: kernels (n_layer, in, out)
 OFFLINE_MODEL = GPT2Config(n_positions=256, n_embd=128, n_layer=2, n_head=4, dropout=0.1)
 QUICK_MODEL = GPT2Config(n_positions=256, n_embd=32, n_layer=2, n_head=2, dropout=0.0)
 PRETRAIN_BATCH = 16
@@ -114,6 +116,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--epochs", type=int, default=5)
     train.add_argument("--eval-freq", type=int, default=50, help="steps between loss evaluations")
     train.add_argument("--eval-iter", type=int, default=5, help="batches per loss evaluation")
+    parser.add_argument(
+        "--scan-layers", action="store_true", help="stack the blocks with nn.scan (one adapter per layer, factored)"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny model, data subset, few steps (for tests)")
     parser.add_argument("--seed", type=int, default=123, help="initialisation and shuffling")
     parser.add_argument("--split-seed", type=int, default=123, help="ham subsampling and the 70/10/20 split")
@@ -283,7 +288,7 @@ def restore_pretrained(directory: Path) -> tuple[GPT2Config, Params]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def lora_config(rank: int, alpha: float, dropout: float = 0.0) -> jaxlora.LoraConfig:
+def lora_config(rank: int, alpha: float, dropout: float = 0.0, scanned: bool = False) -> jaxlora.LoraConfig:
     """LoRA on every linear layer of the blocks; the new head is trained in full.
 
     The recipe puts a rank-16 LoRA on the 768x2 head too, but jaxlora refuses a rank above min(fan_in, fan_out)
@@ -291,6 +296,15 @@ def lora_config(rank: int, alpha: float, dropout: float = 0.0) -> jaxlora.LoraCo
     the same function class with fewer parameters, and it lands in the adapter checkpoint, so nothing depends
     on re-creating a frozen random head.
     """
+    if scanned:  # one adapter per stacked block: A (n_layer, in, r), B (n_layer, r, out)
+        return jaxlora.LoraConfig(
+            rank=rank,
+            alpha=alpha,
+            dropout=dropout,
+            targets=(SCANNED_BLOCK_LINEARS,),
+            stacked_axes={SCANNED_BLOCK_LINEARS: 1},
+            modules_to_save=(r"head/kernel",),
+        )
     return jaxlora.LoraConfig(
         rank=rank, alpha=alpha, dropout=dropout, targets=(BLOCK_LINEARS,), modules_to_save=(r"head/kernel",)
     )
@@ -320,18 +334,19 @@ def explain_trainable_count(rank: int = 16) -> str:
     )
 
 
-def make_steps(model: GPT2Classifier, config: jaxlora.LoraConfig, tx: optax.GradientTransformation):
+def make_steps(model: GPT2Classifier, plan: jaxlora.Plan, tx: optax.GradientTransformation):
     """Jitted train step and evaluation (loss sum, correct count) over the LoRA-adapted classifier."""
+    forward = jaxlora.apply_fn(model, plan, strict=True)  # every adapter served factored, or an error
 
     def logits_fn(trainable, frozen, ids, lengths, dropout_rng=None):
         params, adapters = jaxlora.combine(trainable, frozen)
         rngs = None if dropout_rng is None else {jaxlora.DROPOUT_RNG: dropout_rng}
-        return jaxlora.apply(model, {"params": params}, adapters, config, ids, lengths, rngs=rngs)
+        return forward({"params": params}, adapters, ids, lengths, rngs=rngs)
 
     @jax.jit
     def train_step(trainable, frozen, opt_state, ids, lengths, labels, key):
         def loss_fn(trainable):
-            logits = logits_fn(trainable, frozen, ids, lengths, key if config.dropout > 0 else None)
+            logits = logits_fn(trainable, frozen, ids, lengths, key if plan.config.dropout > 0 else None)
             return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
         loss, grads = jax.value_and_grad(loss_fn)(trainable)
@@ -454,14 +469,20 @@ def base_model(
     return config, params, losses
 
 
-def fine_tune(args, model, config, trainable, frozen, data) -> tuple[Params, dict[str, list], Any]:
+def fine_tune(args, model, plan, trainable, frozen, data, timings) -> tuple[Params, dict[str, list], Any]:
     """The recipe's loop: loss on `eval_iter` batches every `eval_freq` steps, accuracy after every epoch."""
     steps_per_epoch = len(data["train"]) // args.batch_size
     cosine = args.schedule == "cosine"
     lr = optax.cosine_decay_schedule(args.lr, steps_per_epoch * args.epochs) if cosine else args.lr
-    tx = jaxlora.optimizer(optax.adamw(lr, weight_decay=args.weight_decay), config)
+    tx = jaxlora.optimizer(optax.adamw(lr, weight_decay=args.weight_decay), plan)
     opt_state = tx.init(trainable)
-    train_step, eval_step = make_steps(model, config, tx)
+    train_step, eval_step = make_steps(model, plan, tx)
+    first = next(batches(data["train"], args.batch_size, np.random.default_rng(0)))
+    t = time.perf_counter()
+    train_step.lower(trainable, frozen, opt_state, first.ids, first.lengths, first.labels, jax.random.key(0)).compile()
+    timings["compile_s"] = time.perf_counter() - t
+    layout = "scanned blocks" if args.scan_layers else "unrolled blocks"
+    print(f"Compiled the training step in {timings['compile_s']:.1f} s ({layout}).")
     rng, eval_rng = np.random.default_rng(args.seed), np.random.default_rng(args.seed + 1)
     key = jax.random.key(args.seed + 3)
     train_sorted, val_sorted = by_length(data["train"]), by_length(data["validation"])
@@ -499,17 +520,17 @@ def fine_tune(args, model, config, trainable, frozen, data) -> tuple[Params, dic
     return trainable, history, eval_step
 
 
-def save_and_check(args, model, params, adapters, config, head, test: spam_data.EncodedSplit) -> bool:
+def save_and_check(args, model, params, adapters, plan, head, test: spam_data.EncodedSplit) -> bool:
     """Save adapter + head with jaxlora.checkpoint, reload onto the base, and compare logits."""
-    directory = jaxlora.checkpoint.save_adapter(args.out / "adapter", params, adapters, config, overwrite=True)
+    directory = jaxlora.checkpoint.save_adapter(args.out / "adapter", params, adapters, plan, overwrite=True)
     base = {**params, "head": head}  # the base as a user re-creates it: the trained head comes from the checkpoint
     restored_params, restored_adapters, restored_plan = jaxlora.checkpoint.load_adapter(directory, base)
     probe = _cut(test, np.arange(min(16, len(test))))
 
-    def logits(config):
-        return jax.jit(lambda p, a: jaxlora.apply(model, {"params": p}, a, config, probe.ids, probe.lengths))
+    def logits(plan):
+        return jax.jit(lambda p, a: jaxlora.apply(model, {"params": p}, a, plan, probe.ids, probe.lengths))
 
-    before = logits(config)(params, adapters)
+    before = logits(plan)(params, adapters)
     after = logits(restored_plan)(restored_params, restored_adapters)
     same = bool(np.allclose(np.asarray(before), np.asarray(after), atol=1e-6))
     print(f"Saved the adapter and head to {directory}; reloading it reproduces the logits: {same}.")
@@ -526,6 +547,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data = load_data(args, encoding)
     gpt_config, params, pretrain_losses = base_model(args, data["train"], timings)
     gpt_config = dataclasses.replace(gpt_config, dropout=0.0)  # the recipe fine-tunes without dropout
+    if args.scan_layers and not gpt_config.scan_layers:
+        gpt_config = dataclasses.replace(gpt_config, scan_layers=True)
+        params = stack_layers(params, gpt_config.n_layer)
     if data["train"].ids.shape[1] > gpt_config.n_positions:
         raise ValueError(
             f"Messages of {data['train'].ids.shape[1]} tokens exceed n_positions={gpt_config.n_positions}."
@@ -537,11 +561,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = GPT2Classifier(gpt_config, num_classes=2)
     head = init_params(model, args.seed)["head"]
     params = {**params, "head": head}
-    config = lora_config(args.rank, args.alpha, args.lora_dropout)
-    plan = jaxlora.plan(params, config)
+    config = lora_config(args.rank, args.alpha, args.lora_dropout, scanned=gpt_config.scan_layers)
+    plan = jaxlora.plan(params, config)  # resolved once, handed to everything below
     (args.out / "lora_plan.txt").write_text(str(plan) + "\n")
-    params, adapters = jaxlora.init(jax.random.key(args.seed + 2), params, config)
-    trainable, frozen = jaxlora.partition(params, adapters, config)
+    params, adapters = jaxlora.init(jax.random.key(args.seed + 2), params, plan)
+    trainable, frozen = jaxlora.partition(params, adapters, plan)
     num_trainable = jaxlora.count_params(trainable)
     print(
         f"LoRA rank {args.rank}, alpha {args.alpha:g} on {len(plan.leaves)} block linears, head trained in full: "
@@ -551,7 +575,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(explain_trainable_count())
 
     t = time.perf_counter()
-    trainable, history, eval_step = fine_tune(args, model, config, trainable, frozen, data)
+    trainable, history, eval_step = fine_tune(args, model, plan, trainable, frozen, data, timings)
     timings["finetune_s"] = time.perf_counter() - t
     accuracy = {
         name: evaluate(eval_step, trainable, frozen, batches(by_length(split), 64))[1] for name, split in data.items()
@@ -562,7 +586,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
 
     params, adapters = jaxlora.combine(trainable, frozen)
-    reload_ok = save_and_check(args, model, params, adapters, config, head, data["test"])
+    reload_ok = save_and_check(args, model, params, adapters, plan, head, data["test"])
     figures = plot(args.out, history, pretrain_losses)
     timings["total_s"] = time.perf_counter() - start
     metrics = {

@@ -87,3 +87,13 @@ def test_weights_without_config_json_must_match_a_preset(tmp_path):
     (tmp_path / "config.json").unlink()
     with pytest.raises(ValueError, match=r"width 16, 1 layers.*put the model's config\.json next to it"):
         gpt2_spam.load_pretrained_weights(str(tmp_path))
+
+
+def test_quick_with_scanned_blocks_trains_one_adapter_per_layer(tmp_path, data_args):
+    out = tmp_path / "run"
+    metrics = gpt2_spam.main(["--quick", "--scan-layers", "--out", str(out), *data_args])
+    _check_outputs(out, metrics)
+    assert metrics["model"]["scan_layers"] is True and metrics["timings"]["compile_s"] > 0
+    # the same count as unscanned: per-layer adapters, 2 layers x rank 4 on the four block linears, plus the head
+    assert metrics["trainable_params"] == 2 * 4 * ((32 + 96) + (32 + 32) + (32 + 128) + (128 + 32)) + 32 * 2
+    assert "(2, 32, 4)" in (out / "lora_plan.txt").read_text()  # A of c_attn: (n_layer, in, r)
