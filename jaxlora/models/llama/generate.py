@@ -72,8 +72,8 @@ def generate(
     key = jax.random.key(0) if rng is None else rng
     out = _generate(
         graphdef, state, jnp.asarray(ids, jnp.int32), jnp.asarray(mask), key, jnp.float32(temperature),
-        jnp.float32(1.0 if top_p is None else top_p), jnp.int32(pad_token_id),
-        max_new_tokens=max_new_tokens, greedy=rng is None, top_k=top_k, eos=eos,
+        jnp.int32(top_k or 0), jnp.float32(1.0 if top_p is None else top_p), jnp.int32(pad_token_id),
+        max_new_tokens=max_new_tokens, greedy=rng is None, eos=eos,
     )  # fmt: skip
     return out[0] if squeeze else out
 
@@ -89,24 +89,28 @@ def _check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, 
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}.")
 
 
-def filter_logits(logits: jax.Array, top_k: int | None, top_p: jax.Array) -> jax.Array:
-    """`logits` (batch, vocab) with the tokens outside the top-k and the top-p nucleus set to -inf.
+def filter_logits(logits: jax.Array, top_k: jax.Array | int, top_p: jax.Array | float) -> jax.Array:
+    """`logits` (batch, vocab) with the tokens outside the top-k, then outside the top-p nucleus, set to -inf.
 
-    The nucleus is the smallest set of most likely tokens whose probability reaches `top_p` (at least one).
+    `top_k` 0 keeps every token; the nucleus is the smallest set of most likely tokens whose probability
+    (renormalised after top-k) reaches `top_p`, never empty. Both may be traced values: one compile serves all.
+
+    Example:
+        >>> filter_logits(jnp.array([[0.0, 3.0, 1.0, 2.0]]), top_k=2, top_p=1.0)
+        Array([[-inf,   3., -inf,   2.]], dtype=float32)
     """
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    batch, vocab = logits.shape
     order = jnp.argsort(-logits, axis=-1)
-    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-    before = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1) - jax.nn.softmax(sorted_logits, axis=-1)
-    drop_sorted = before >= top_p  # the mass before this token already reaches top_p
-    drop = jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(drop_sorted)
+    ranked = jnp.take_along_axis(logits, order, axis=-1)
+    drop = (top_k > 0) & (jnp.arange(vocab) >= top_k)
+    probs = jax.nn.softmax(jnp.where(drop, -jnp.inf, ranked), axis=-1)
+    drop = drop | (jnp.cumsum(probs, axis=-1) - probs >= top_p)  # the mass before this token reaches top_p
+    drop = jnp.zeros_like(drop).at[jnp.arange(batch)[:, None], order].set(drop)
     return jnp.where(drop, -jnp.inf, logits)
 
 
-@partial(jax.jit, static_argnums=(0,), static_argnames=("max_new_tokens", "greedy", "top_k", "eos"))
-def _generate(graphdef, state, ids, mask, key, temperature, top_p, pad, *, max_new_tokens, greedy, top_k, eos):
+@partial(jax.jit, static_argnums=(0,), static_argnames=("max_new_tokens", "greedy", "eos"))
+def _generate(graphdef, state, ids, mask, key, temperature, top_k, top_p, pad, *, max_new_tokens, greedy, eos):
     model = nnx.merge(graphdef, state)
     batch, length = ids.shape
     cache = init_cache(model.config, batch, length + max_new_tokens, model.dtype)
@@ -121,7 +125,8 @@ def _generate(graphdef, state, ids, mask, key, temperature, top_p, pad, *, max_n
             token = jax.random.categorical(step_key, filter_logits(last / temperature, top_k, top_p), axis=-1)
         token = jnp.where(done, pad, token).astype(jnp.int32)
         done = done | jnp.isin(token, jnp.asarray(eos, jnp.int32)) if eos else done
-        logits, cache = model.decode(token[:, None], cache)
+        # A module made at this trace level: NNX transforms refuse modules from an outer trace.
+        logits, cache = nnx.merge(graphdef, state, copy=True).decode(token[:, None], cache)
         return (cache, logits[:, -1], done), token
 
     carry = (cache, logits[:, -1], jnp.zeros((batch,), bool))
