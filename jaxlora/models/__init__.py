@@ -1,5 +1,6 @@
-"""Reference models written in plain flax.linen, so jaxlora's factored LoRA path applies to them."""
+"""Reference models: GPT-2 in plain flax.linen (jaxlora's factored LoRA path applies), Llama/Qwen2 in flax NNX."""
 
+from jaxlora.models import llama
 from jaxlora.models.gpt2 import (
     GPT2,
     PEFT_NAME_MAP,
@@ -25,6 +26,7 @@ __all__ = [
     "GPT2Config",
     "config_from_hf",
     "generate_greedy",
+    "llama",
     "load_hf_weights",
     "stack_layers",
     "torch_module_name",

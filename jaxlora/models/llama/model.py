@@ -1,0 +1,259 @@
+"""A Llama-family decoder in flax NNX whose parameter names mirror Hugging Face's ``LlamaForCausalLM``.
+
+Parameter tree (HF names drop the leading ``model.``; ``lm_head`` only for untied heads)::
+
+    embed_tokens/embedding                       (vocab, hidden)       model.embed_tokens.weight
+    layers/.../input_layernorm/scale             (hidden,)             model.layers.{i}.input_layernorm.weight
+    layers/.../self_attn/{q,k,v,o}_proj/kernel   (in, out)             model.layers.{i}.self_attn.q_proj.weight (T)
+    layers/.../self_attn/{q,k,v}_proj/bias       (out,)  (Qwen2)       model.layers.{i}.self_attn.q_proj.bias
+    layers/.../post_attention_layernorm/scale    (hidden,)             model.layers.{i}.post_attention_layernorm...
+    layers/.../mlp/{gate,up,down}_proj/kernel    (in, out)             model.layers.{i}.mlp.gate_proj.weight (T)
+    norm/scale                                   (hidden,)             model.norm.weight
+    lm_head/kernel                               (hidden, vocab)       lm_head.weight (T)
+
+Two layouts of ``layers``: **scanned** (``scan_layers=True``, the default): one ``layers`` node whose every leaf
+has a leading axis of length ``num_hidden_layers`` and which runs under ``nnx.scan`` (compiled once, whatever the
+depth); **unrolled**: an ``nnx.List``, so the paths are ``layers/0/...``, ``layers/1/...`` and a Python loop runs
+them. ``jaxlora.models.llama.convert_layout`` switches between the two.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlora.models.llama.config import LlamaConfig
+from jaxlora.models.llama.rope import apply_rotary, rotary_tables
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer in a fixed buffer of ``max_length`` slots, and which slots are real tokens.
+
+    ``keys``/``values``: (layers, batch, max_length, kv_heads, head_dim); ``valid``: (batch, max_length) bool,
+    False for unwritten and padding slots; ``index``: () int32, the number of slots written so far. Rotary
+    positions are slot indices: attention only sees position differences, so left padding needs no offsets.
+    """
+
+    keys: jax.Array
+    values: jax.Array
+    valid: jax.Array
+    index: jax.Array
+
+
+def init_cache(config: LlamaConfig, batch: int, max_length: int, dtype: Any = jnp.float32) -> KVCache:
+    """An empty :class:`KVCache` for `batch` rows of up to `max_length` tokens (prompt plus generated).
+
+    Example:
+        >>> cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        ...                   num_attention_heads=4, num_key_value_heads=2)
+        >>> init_cache(cfg, batch=3, max_length=10).keys.shape
+        (2, 3, 10, 2, 4)
+    """
+    shape = (config.num_hidden_layers, batch, max_length, config.num_key_value_heads, config.head_dim)
+    return KVCache(
+        jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, max_length), bool), jnp.array(0, jnp.int32)
+    )
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square norm, in float32 and cast back before the scale, as Hugging Face's ``LlamaRMSNorm``."""
+
+    def __init__(self, size: int, eps: float, dtype: Any):
+        self.scale = nnx.Param(jnp.ones((size,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = x.astype(jnp.float32)
+        h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...] * h.astype(x.dtype)
+
+
+def _linear(n_in: int, n_out: int, bias: bool, config: LlamaConfig, dtype: Any, rngs: nnx.Rngs) -> nnx.Linear:
+    init = nnx.initializers.normal(config.initializer_range)
+    return nnx.Linear(n_in, n_out, use_bias=bias, dtype=dtype, param_dtype=dtype, kernel_init=init, rngs=rngs)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, groups: int) -> jax.Array:
+    """Grouped-query attention: q (b, t, heads, d), k/v (b, s, kv_heads, d), mask (b, t, s) -> (b, t, heads, d).
+
+    Scores accumulate and the softmax runs in float32; a fully masked row (a padding query) stays finite.
+    """
+    b, t, heads, d = q.shape
+    q = q.reshape(b, t, heads // groups, groups, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * d**-0.5
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", weights, v).reshape(b, t, heads, d)
+
+
+class Attention(nnx.Module):
+    """Rotary grouped-query self-attention with separate q/k/v/o projections."""
+
+    def __init__(self, config: LlamaConfig, dtype: Any, rngs: nnx.Rngs):
+        width, heads, kv_heads, d = (
+            config.hidden_size,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
+        self.q_proj = _linear(width, heads * d, config.qkv_bias, config, dtype, rngs)
+        self.k_proj = _linear(width, kv_heads * d, config.qkv_bias, config, dtype, rngs)
+        self.v_proj = _linear(width, kv_heads * d, config.qkv_bias, config, dtype, rngs)
+        self.o_proj = _linear(heads * d, width, config.o_bias, config, dtype, rngs)
+        self.shape = (heads, kv_heads, d)
+
+    def __call__(self, x, cos, sin, mask, kv, index):
+        """Output (b, t, hidden) and, with a layer cache ``kv = (keys, values)``, that cache with x's k/v written."""
+        b, t, _ = x.shape
+        heads, kv_heads, d = self.shape
+        q = apply_rotary(self.q_proj(x).reshape(b, t, heads, d), cos, sin)
+        k = apply_rotary(self.k_proj(x).reshape(b, t, kv_heads, d), cos, sin)
+        v = self.v_proj(x).reshape(b, t, kv_heads, d)
+        if kv is not None:
+            keys = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1)
+            values = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
+            k, v, kv = keys, values, (keys, values)
+        out = attend(q, k, v, mask, heads // kv_heads)
+        return self.o_proj(out.reshape(b, t, heads * d)), kv
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: ``down_proj(silu(gate_proj(x)) * up_proj(x))``."""
+
+    def __init__(self, config: LlamaConfig, dtype: Any, rngs: nnx.Rngs):
+        width, inner, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = _linear(width, inner, bias, config, dtype, rngs)
+        self.up_proj = _linear(width, inner, bias, config, dtype, rngs)
+        self.down_proj = _linear(inner, width, bias, config, dtype, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    def __init__(self, config: LlamaConfig, dtype: Any, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.self_attn = Attention(config, dtype, rngs)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.mlp = MLP(config, dtype, rngs)
+
+    def __call__(self, x, cos, sin, mask, kv, index):
+        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+def _stacked_layers(config: LlamaConfig, dtype: Any, rngs: nnx.Rngs) -> DecoderLayer:
+    """One DecoderLayer whose every parameter has a leading axis of `num_hidden_layers` (independently drawn)."""
+
+    @nnx.split_rngs(splits=config.num_hidden_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs: nnx.Rngs) -> DecoderLayer:
+        return DecoderLayer(config, dtype, rngs)
+
+    return make(rngs)
+
+
+@nnx.scan(in_axes=(0, nnx.Carry, None, None, None, 0, None), out_axes=(nnx.Carry, 0))
+def _scan_layers(layer, x, cos, sin, mask, kv, index):
+    return layer(x, cos, sin, mask, kv, index)
+
+
+class Llama(nnx.Module):
+    """Llama / Qwen2 causal language model (``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` in transformers).
+
+    Args:
+        config: the hyperparameters (:class:`LlamaConfig`, e.g. from ``config_from_hf``).
+        scan_layers: stack the blocks on a leading axis and run them with ``nnx.scan`` (default), or keep an
+            ``nnx.List`` of blocks run one after another (the layout that jaxlora's PEFT name map addresses).
+        dtype: weight and activation dtype, ``jnp.float32`` or ``jnp.bfloat16``; norms and softmax run in float32.
+        rngs: initialisation randomness (normal(initializer_range) linears and embedding, unit norm scales).
+
+    Example:
+        >>> cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        ...                   num_attention_heads=4, num_key_value_heads=2)
+        >>> model = Llama(cfg, rngs=nnx.Rngs(0))
+        >>> model(jnp.zeros((1, 5), jnp.int32)).shape
+        (1, 5, 64)
+    """
+
+    def __init__(self, config: LlamaConfig, *, scan_layers: bool = True, dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(config.initializer_range)
+        self.config = config
+        self.scan_layers = scan_layers
+        self.embed_tokens = nnx.Embed(
+            config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=dtype, embedding_init=init, rngs=rngs
+        )
+        if scan_layers:
+            self.layers = _stacked_layers(config, dtype, rngs)
+        else:
+            self.layers = nnx.List([DecoderLayer(config, dtype, rngs) for _ in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        if not config.tie_word_embeddings:
+            self.lm_head = _linear(config.hidden_size, config.vocab_size, False, config, dtype, rngs)
+
+    @property
+    def dtype(self) -> Any:
+        return self.embed_tokens.embedding.dtype
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        """Next-token logits (batch, length, vocab) for `input_ids` (batch, length).
+
+        `attention_mask` (batch, length), 1 for real tokens and 0 for padding, hides padded keys (left or right).
+        """
+        input_ids = _check_ids(input_ids)
+        b, t = input_ids.shape
+        keys_valid = jnp.ones((b, t), bool) if attention_mask is None else jnp.asarray(attention_mask, bool)
+        mask = jnp.tril(jnp.ones((t, t), bool))[None] & keys_valid[:, None, :]
+        logits, _ = self._run(input_ids, jnp.arange(t)[None].repeat(b, 0), mask, None, jnp.array(0, jnp.int32))
+        return logits
+
+    def decode(
+        self, input_ids: jax.Array, cache: KVCache, attention_mask: jax.Array | None = None
+    ) -> tuple[jax.Array, KVCache]:
+        """Logits of `input_ids` (batch, t) appended at the cache's next slots, and the updated cache.
+
+        Feed the prompt first (``attention_mask`` 0 marks left padding), then one token at a time.
+        Raises ValueError when the tokens would not fit in the cache.
+        """
+        input_ids = _check_ids(input_ids)
+        b, t = input_ids.shape
+        slots = cache.keys.shape[2]
+        new_valid = jnp.ones((b, t), bool) if attention_mask is None else jnp.asarray(attention_mask, bool)
+        valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, new_valid, cache.index, axis=1)
+        positions = cache.index + jnp.arange(t)
+        mask = valid[:, None, :] & (jnp.arange(slots)[None, None, :] <= positions[None, :, None])
+        logits, (keys, values) = self._run(
+            input_ids, positions[None].repeat(b, 0), mask, (cache.keys, cache.values), cache.index
+        )
+        return logits, KVCache(keys, values, valid, cache.index + t)
+
+    def _run(self, input_ids, positions, mask, kv, index):
+        x = self.embed_tokens(input_ids)
+        cos, sin = rotary_tables(self.config, positions)
+        if self.scan_layers:
+            x, kv = _scan_layers(self.layers, x, cos, sin, mask, kv, index)
+        else:
+            new_kv = []
+            for i, layer in enumerate(self.layers):
+                x, layer_kv = layer(x, cos, sin, mask, None if kv is None else (kv[0][i], kv[1][i]), index)
+                new_kv.append(layer_kv)
+            kv = None if kv is None else tuple(jnp.stack(parts) for parts in zip(*new_kv, strict=True))
+        x = self.norm(x)
+        logits = self.embed_tokens.attend(x) if self.config.tie_word_embeddings else self.lm_head(x)
+        return logits, kv
+
+
+def _check_ids(input_ids: Any) -> jax.Array:
+    input_ids = jnp.asarray(input_ids)
+    if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
+        raise ValueError(
+            f"input_ids must be an integer array of shape (batch, length), got {input_ids.dtype} {input_ids.shape}; "
+            "add a batch axis with ids[None]."
+        )
+    return input_ids

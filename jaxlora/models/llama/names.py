@@ -1,0 +1,67 @@
+"""Our Llama parameter paths <-> Hugging Face / PEFT names: the PEFT name map and the checkpoint key of each leaf."""
+
+from __future__ import annotations
+
+import re
+
+from jaxlora.models.llama.config import LlamaConfig
+from jaxlora.name_maps import ModuleName
+
+# Module paths inside one decoder layer, and which torch layout each has.
+LAYER_MODULES: tuple[tuple[str, str], ...] = (
+    ("input_layernorm", "layernorm"),
+    ("self_attn/q_proj", "linear"),
+    ("self_attn/k_proj", "linear"),
+    ("self_attn/v_proj", "linear"),
+    ("self_attn/o_proj", "linear"),
+    ("post_attention_layernorm", "layernorm"),
+    ("mlp/gate_proj", "linear"),
+    ("mlp/up_proj", "linear"),
+    ("mlp/down_proj", "linear"),
+)
+# PEFT's usual LoRA targets for Llama-family models, as our kernel paths (any layer, unrolled layout).
+PEFT_TARGETS = r"layers/\d+/(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)/kernel"
+_TORCH_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
+
+
+def peft_name_map(config: LlamaConfig) -> tuple[ModuleName, ...]:
+    """Rows of a `jaxlora.name_maps` table for the **unrolled** layout (``layers/{i}/...``).
+
+    Use it with ``jaxlora.peft.save_peft`` / ``load_peft``. With a tied head, ``embed_tokens`` is a
+    ``tied_embedding`` (jaxlora refuses to export a LoRA on it, since PEFT would adapt only the lookup).
+
+    Example:
+        >>> rows = peft_name_map(LlamaConfig())
+        >>> [r.module for r in rows if r.pattern.endswith("q_proj")]
+        ['model.layers.\\\\1.self_attn.q_proj']
+    """
+    embedding = "tied_embedding" if config.tie_word_embeddings else "embedding"
+    rows = [ModuleName(r"embed_tokens", "model.embed_tokens", embedding)]
+    for module, layout in LAYER_MODULES:
+        rows.append(ModuleName(rf"layers/(\d+)/{module}", rf"model.layers.\1.{module.replace('/', '.')}", layout))
+    rows.append(ModuleName(r"norm", "model.norm", "layernorm"))
+    if not config.tie_word_embeddings:
+        rows.append(ModuleName(r"lm_head", "lm_head", "linear"))
+    return tuple(rows)
+
+
+def hf_param_name(path: str) -> str:
+    """The Hugging Face state-dict key of one of our unrolled "/"-joined parameter paths.
+
+    Example:
+        >>> hf_param_name("layers/3/self_attn/q_proj/kernel")
+        'model.layers.3.self_attn.q_proj.weight'
+
+    Raises:
+        KeyError: `path` is no parameter of a Llama model.
+    """
+    module, _, leaf = path.rpartition("/")
+    if leaf not in _TORCH_LEAF:
+        raise KeyError(f"{path!r} is no Llama parameter: its leaf {leaf!r} is not one of {sorted(_TORCH_LEAF)}.")
+    if module == "lm_head":
+        return f"lm_head.{_TORCH_LEAF[leaf]}"
+    if module in ("embed_tokens", "norm") or re.fullmatch(
+        rf"layers/\d+/({'|'.join(m for m, _ in LAYER_MODULES)})", module
+    ):
+        return f"model.{module.replace('/', '.')}.{_TORCH_LEAF[leaf]}"
+    raise KeyError(f"{path!r} is no Llama parameter (expected e.g. 'layers/0/self_attn/q_proj/kernel').")

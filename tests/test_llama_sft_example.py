@@ -1,0 +1,46 @@
+"""The Llama SFT example in --quick mode, offline, and its PEFT adapter loaded in PyTorch with equal logits."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import SHARED_DATA, load_example, require_data
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+
+def test_quick_offline_run_exports_a_peft_adapter_that_torch_reproduces(tmp_path):
+    example = load_example("llama_sft")
+    data = require_data(SHARED_DATA / "sms_spam" / "SMSSpamCollection", "SMS Spam Collection")
+    bpe = require_data(SHARED_DATA / "gpt2_bpe", "GPT-2 BPE files")
+    out = tmp_path / "run"
+    metrics = example.main(["--quick", "--data-dir", str(data), "--bpe-dir", str(bpe), "--out", str(out)])
+
+    assert metrics["after"]["answer_loss"] < metrics["before"]["answer_loss"]
+    assert set(metrics["after"]["exact_match"]) == {"spam", "first_word"}
+    written = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert written["base_model_name_or_path"] == str(out / "base") and written["task_type"] == "CAUSAL_LM"
+    assert sorted({m.rsplit(".", 1)[-1] for m in written["target_modules"]}) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(out / "base", attn_implementation="eager")
+    model = peft.PeftModel.from_pretrained(base, str(out / "adapter")).eval()
+    probe = np.load(out / "probe.npz")
+    with torch.no_grad():
+        got = model(input_ids=torch.tensor(probe["ids"], dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(got, probe["logits"], atol=1e-4, rtol=0)
+    with model.disable_adapter(), torch.no_grad():
+        plain = model(input_ids=torch.tensor(probe["ids"], dtype=torch.long)).logits.numpy()
+    assert not np.allclose(plain, probe["logits"], atol=1e-3), "the adapter changed nothing"
+
+
+def test_missing_model_offline_names_the_fix(tmp_path):
+    example = load_example("llama_sft")
+    data = require_data(SHARED_DATA / "sms_spam" / "SMSSpamCollection", "SMS Spam Collection")
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        example.main(["--model", str(tmp_path / "absent"), "--data-dir", str(data), "--out", str(tmp_path / "o")])
