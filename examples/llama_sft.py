@@ -43,7 +43,7 @@ from flax import nnx
 
 import jaxlora
 from jaxlora.models import llama
-from jaxlora.peft import save_peft
+from jaxlora.peft_format import save_peft
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import spam_data

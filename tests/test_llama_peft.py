@@ -14,7 +14,7 @@ from flax import nnx
 
 import jaxlora
 from jaxlora.models import llama
-from jaxlora.peft import load_peft, save_peft
+from jaxlora.peft_format import load_peft, save_peft
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -131,7 +131,8 @@ def test_peft_to_jax(tmp_path, tiny_llama):
         want = peft_model.eval()(input_ids=torch.tensor(_tokens())).logits.numpy()
 
     graphdef, state = nnx.split(model)
-    state, adapters, config = load_peft(tmp_path / "adapter", state, name_map=llama.peft_name_map(model.config))
+    state, adapters, plan = load_peft(tmp_path / "adapter", state, name_map=llama.peft_name_map(model.config))
+    config = plan.config
     assert config.scale_for("layers/1/self_attn/q_proj/kernel") == 5 / 2
     assert config.rank_for("layers/0/mlp/gate_proj/kernel") == 2
     assert adapters["layers"]["1"]["mlp"]["down_proj"]["kernel"]["lora_a"].shape == (64, 4)

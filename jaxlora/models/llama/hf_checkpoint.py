@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlora._paths import leaves_with_paths
+from jaxlora._src.paths import leaves_with_paths
 from jaxlora.models.llama.config import LlamaConfig
 from jaxlora.models.llama.layout import unstack_layers
 from jaxlora.models.llama.model import Llama

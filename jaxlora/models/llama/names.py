@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from jaxlora.models.llama.config import LlamaConfig
-from jaxlora.name_maps import ModuleName
+from jaxlora._src.name_maps import ModuleName
 
 # Module paths inside one decoder layer, and which torch layout each has.
 LAYER_MODULES: tuple[tuple[str, str], ...] = (
@@ -27,7 +27,7 @@ _TORCH_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bi
 def peft_name_map(config: LlamaConfig) -> tuple[ModuleName, ...]:
     """Rows of a `jaxlora.name_maps` table for the **unrolled** layout (``layers/{i}/...``).
 
-    Use it with ``jaxlora.peft.save_peft`` / ``load_peft``. With a tied head, ``embed_tokens`` is a
+    Use it with ``jaxlora.peft_format.save_peft`` / ``load_peft``. With a tied head, ``embed_tokens`` is a
     ``tied_embedding`` (jaxlora refuses to export a LoRA on it, since PEFT would adapt only the lookup).
 
     Example:
