@@ -47,7 +47,10 @@ class Zoo(nnx.Module):
 
 
 ZOO_CONFIG = jaxlora.LoraConfig(
-    rank=2, alpha=3.0, targets=(jaxlora.ALL_KERNELS, jaxlora.ALL_EMBEDDINGS), fan_in_ndim={"heads/kernel": 1, "merge_heads/kernel": 2}
+    rank=2,
+    alpha=3.0,
+    targets=(jaxlora.ALL_KERNELS, jaxlora.ALL_EMBEDDINGS),
+    fan_in_ndim={"heads/kernel": 1, "merge_heads/kernel": 2},
 )
 
 

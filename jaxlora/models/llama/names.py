@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 
-from jaxlora.models.llama.config import LlamaConfig
 from jaxlora._src.name_maps import ModuleName
+from jaxlora.models.llama.config import LlamaConfig
 
 # Module paths inside one decoder layer, and which torch layout each has.
 LAYER_MODULES: tuple[tuple[str, str], ...] = (
