@@ -56,6 +56,8 @@ class LoraConfig:
       modules_to_save: regexes of leaves trained in full (e.g. a new head).
       fan_in_ndim: regex -> how many leading kernel axes are inputs (default: all but the last).
       predicate: an extra filter `predicate(path, leaf) -> bool` over the targets.
+      use_dora: DoRA (weight-decomposed LoRA): W' = m ⊙ (W + s·A B) / ‖W + s·A B‖ per output column, with a
+        trainable magnitude m (initialised to ‖W‖) stored as a third adapter entry "magnitude".
 
     Example:
       >>> import jaxlora
@@ -77,6 +79,7 @@ class LoraConfig:
     modules_to_save: tuple[str, ...] = ()
     fan_in_ndim: Mapping[str, int] = FrozenMapping()
     predicate: Callable[[str, Any], bool] | None = None
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         for field in ("targets", "exclude", "modules_to_save"):
@@ -104,6 +107,8 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.init_std must be > 0 (or None for 1/rank), got {self.init_std!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"LoraConfig.use_dora must be True or False, got {self.use_dora!r}")
 
     def rank_for(self, path: str) -> int:
         """The rank of the adapter at `path`: the first matching `rank_pattern`, else `rank`."""

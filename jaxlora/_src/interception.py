@@ -55,6 +55,8 @@ class _Interceptor:
             return next_fun(*args, **kwargs)  # the layer contracts other axes than the adapter was planned for
         if adapter is None and not (kind.serves_frozen and self.fast_dense):
             return next_fun(*args, **kwargs)
+        if adapter is not None and adapter.magnitude is not None and not kind.supports_dora:
+            raise ValueError(unsupported_dora_message(path, module))
         call = LayerCall(module, method, args, kwargs, adapter, base=lambda: next_fun(*args, **kwargs))
         out = kind.serve(call)
         if out is None:
@@ -62,6 +64,14 @@ class _Interceptor:
         if adapter is not None:
             self.served.add(path)
         return out
+
+
+def unsupported_dora_message(path: str, module: nn.Module) -> str:
+    return (
+        f"DoRA (use_dora=True) is not supported yet for {type(module).__qualname__} layers (at {path!r}); "
+        "jaxlora serves DoRA for flax.linen.Dense: exclude this layer from the targets (LoraConfig.exclude) or "
+        "use plain LoRA for it"
+    )
 
 
 def _dropout_rng(kwargs: Mapping[str, Any]) -> jax.Array | None:
@@ -111,7 +121,8 @@ def apply_fn(
         def adapter(path: str) -> Adapter:
             rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, zlib.crc32(path.encode()))
             pair = flat[path]
-            return Adapter(pair["lora_a"], pair["lora_b"], resolved.leaves[path], resolved.config.dropout, rng)
+            leaf = resolved.leaves[path]
+            return Adapter(pair["lora_a"], pair["lora_b"], leaf, resolved.config.dropout, rng, pair.get("magnitude"))
 
         adapters_by_path = {path: adapter(path) for path in flat}
         interceptor = _Interceptor(adapters_by_path, fast_dense)

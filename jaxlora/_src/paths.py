@@ -45,14 +45,21 @@ def nested_set(tree: dict, path: str, value: Any) -> None:
     tree[last] = value
 
 
+# The entries of one adapter: LoRA's two factors, and DoRA's magnitude vector beside them.
+ADAPTER_ENTRIES = ({"lora_a", "lora_b"}, {"lora_a", "lora_b", "magnitude"})
+
+
 def flatten_adapters(adapters: Mapping) -> dict[str, dict[str, Any]]:
     """`{"Dense_0/kernel": {"lora_a": A, "lora_b": B}}` from the nested adapter dicts."""
     flat: dict[str, dict[str, Any]] = {}
 
     def walk(node: Mapping, prefix: str) -> None:
         if "lora_a" in node or "lora_b" in node:
-            if set(node) != {"lora_a", "lora_b"}:
-                raise ValueError(f"adapter at {prefix!r} must hold exactly 'lora_a' and 'lora_b', got {sorted(node)}")
+            if set(node) not in ADAPTER_ENTRIES:
+                raise ValueError(
+                    f"adapter at {prefix!r} must hold exactly 'lora_a' and 'lora_b' (plus 'magnitude' for DoRA), "
+                    f"got {sorted(node)}"
+                )
             flat[prefix] = dict(node)
             return
         for name, child in node.items():

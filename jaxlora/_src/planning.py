@@ -32,6 +32,7 @@ class LeafPlan:
     rank: int
     alpha: float
     scale: float
+    use_dora: bool = False
 
     @property
     def fan_in(self) -> int:
@@ -50,8 +51,13 @@ class LeafPlan:
         return (self.rank, *self.shape[self.fan_in_ndim :])
 
     @property
+    def magnitude_shape(self) -> tuple[int, ...]:
+        """DoRA's magnitude vector: one entry per output column of W."""
+        return self.shape[self.fan_in_ndim :]
+
+    @property
     def num_lora_params(self) -> int:
-        return self.rank * (self.fan_in + self.fan_out)
+        return self.rank * (self.fan_in + self.fan_out) + (self.fan_out if self.use_dora else 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +128,10 @@ class Plan:
             )
         for path, pair in flat.items():
             leaf = self.leaves[path]
-            for name, want in (("lora_a", leaf.a_shape), ("lora_b", leaf.b_shape)):
+            _check_magnitude(path, leaf, pair)
+            for name, want in (("lora_a", leaf.a_shape), ("lora_b", leaf.b_shape), ("magnitude", leaf.magnitude_shape)):
+                if name not in pair:
+                    continue
                 got = tuple(np.shape(pair[name]))
                 if got != want:
                     raise ValueError(
@@ -170,6 +179,20 @@ class Plan:
 
     def __str__(self) -> str:
         return self.table()
+
+
+def _check_magnitude(path: str, leaf: LeafPlan, pair: Mapping[str, Any]) -> None:
+    """DoRA adapters carry a magnitude exactly when the plan says DoRA."""
+    if leaf.use_dora and "magnitude" not in pair:
+        raise ValueError(
+            f"adapter {path} has no 'magnitude', but the config sets use_dora=True; create the adapters with "
+            "jaxlora.init(key, params, plan) from this plan, or build the plan with use_dora=False"
+        )
+    if not leaf.use_dora and "magnitude" in pair:
+        raise ValueError(
+            f"adapter {path} holds a DoRA 'magnitude', but the config has use_dora=False; build the plan with "
+            "LoraConfig(..., use_dora=True) to use DoRA adapters"
+        )
 
 
 def _dtype(leaf: Any) -> np.dtype:
@@ -271,6 +294,7 @@ def plan(params: PyTree, config: LoraConfig) -> Plan:
             rank=config.rank_for(path),
             alpha=float(config.alpha_for(path)),
             scale=config.scale_for(path),
+            use_dora=config.use_dora,
         )
         if entry.rank > min(entry.fan_in, entry.fan_out):
             raise ValueError(
