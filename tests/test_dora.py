@@ -242,3 +242,17 @@ def test_config_round_trips_and_checks_use_dora():
     assert jaxlora.LoraConfig.from_json(config.to_json()) == config
     with pytest.raises(ValueError, match="use_dora must be True or False"):
         jaxlora.LoraConfig(use_dora="yes")
+
+
+def test_adapter_checkpoint_round_trips_dora(tmp_path):
+    model, x, params, plan = _mlp()
+    _, adapters = jaxlora.init(jax.random.key(2), params, plan)
+    adapters = _trained(adapters)
+    jaxlora.checkpoint.save_adapter(tmp_path / "ckpt", params, adapters, plan)
+    _, loaded, loaded_plan = jaxlora.checkpoint.load_adapter(tmp_path / "ckpt", params)
+    assert loaded_plan.config.use_dora
+    jax.tree.map(np.testing.assert_array_equal, loaded, adapters)
+    np.testing.assert_array_equal(
+        jaxlora.apply(model, {"params": params}, loaded, loaded_plan, x),
+        jaxlora.apply(model, {"params": params}, adapters, plan, x),
+    )
