@@ -6,7 +6,7 @@ hand it to the other functions.
 
 import warnings as _warnings
 
-from jaxlora import analysis, checkpoint, layers, loraplus, name_maps, peft_format
+from jaxlora import analysis, checkpoint, layers, loraplus, name_maps, peft_format, quantization
 from jaxlora._src.builtin_layers import register_builtin_layers as _register_builtin_layers
 from jaxlora._src.config import ALL_EMBEDDINGS, ALL_KERNELS, LoraConfig
 from jaxlora._src.immutable import FrozenMapping
@@ -53,6 +53,7 @@ __all__ = [
     "partition",
     "peft_format",
     "plan",
+    "quantization",
     "register_layer",
     "summary",
     "unmerge",

@@ -18,6 +18,7 @@ from jax import lax
 from jaxlora._src.dora import dora_linear, dora_linear_dropout
 from jaxlora._src.layer_kinds import Adapter, LayerCall, additive, linear_term, register_layer
 from jaxlora._src.linear import lora_linear
+from jaxlora._src.quantization import is_quantized, quantized_linear
 
 # Set while jaxlora computes an adapter term with a helper module, so that its calls are not intercepted.
 inside_adapter = contextvars.ContextVar("jaxlora_inside_adapter", default=False)
@@ -46,6 +47,8 @@ def serve_dense(call: LayerCall) -> Any:
         return additive(linear_term)(call)
     kernel = module.get_variable("params", "kernel")
     bias = module.get_variable("params", "bias") if module.use_bias else None
+    if is_quantized(kernel):
+        return serve_quantized_dense(call, kernel, bias)
     x, kernel, bias = promote_dtype(call.x, kernel, bias, dtype=module.dtype)
     adapter = call.adapter
     if adapter is not None and adapter.magnitude is not None:
@@ -61,6 +64,22 @@ def serve_dora_dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, ad
     if x_lora is x:
         return dora_linear(x, kernel, bias, adapter.a, adapter.b, adapter.magnitude, adapter.scale)
     return dora_linear_dropout(x, x_lora, kernel, bias, adapter.a, adapter.b, adapter.magnitude, adapter.scale)
+
+
+def serve_quantized_dense(call: LayerCall, kernel: Any, bias: jax.Array | None) -> jax.Array:
+    """nn.Dense over a quantized kernel: `quantized_linear` dequantizes it inside the forward and backward pass."""
+    adapter, module = call.adapter, call.module
+    if adapter is not None and adapter.magnitude is not None:
+        raise ValueError(
+            f"DoRA on a quantized kernel ({'/'.join(module.path)!r}) is not supported yet: use plain LoRA on the "
+            "quantized base (use_dora=False), or keep this kernel in float"
+        )
+    dtype = module.dtype or jnp.result_type(call.x, kernel.dtype)
+    x = jnp.asarray(call.x, dtype)
+    bias = None if bias is None else jnp.asarray(bias, dtype)
+    if adapter is None:
+        return quantized_linear(x, x, kernel, bias, None, None, 1.0)
+    return quantized_linear(x, adapter.drop(x), kernel, bias, adapter.a, adapter.b, adapter.scale)
 
 
 def _dense_general_contraction(module: nn.DenseGeneral) -> int | None:

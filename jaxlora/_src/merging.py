@@ -12,6 +12,7 @@ from jaxlora._src.config import LoraConfig
 from jaxlora._src.dora import leaf_norms, merged_weight
 from jaxlora._src.paths import PyTree, leaves_with_paths, map_with_paths
 from jaxlora._src.planning import LeafPlan, Plan, resolve
+from jaxlora._src.quantization import check_mergeable, dequantize
 
 # Up to this rank, s·A B is summed as rank-one outer products inside one element-wise loop that XLA fuses
 # with the add: W is read and written once, on every core, and A B never exists on its own. A GEMM with an
@@ -85,10 +86,13 @@ def add_deltas(
     DoRA pairs (with a "magnitude") give m ⊙ (W + s·A B) / ‖W + s·A B‖, and back with sign=-1 and their `norms`.
     """
 
+    check_mergeable(pairs, params)
+
     def update(path: str, weight):
         if path not in pairs:
             return weight
         leaf = leaves[path]
+        weight = dequantize(weight)  # a quantized kernel merges into a float one
         if "magnitude" in pairs[path]:
             out, finite = _dora_merged(weight, pairs[path], leaf, sign, None if norms is None else norms[path])
             if check_finite:

@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxlora._src.config import LoraConfig, _first_match
 from jaxlora._src.immutable import FrozenMapping
-from jaxlora._src.paths import PyTree, flatten_adapters, leaves_with_paths
+from jaxlora._src.paths import PyTree, flatten_adapters, is_array_leaf, leaves_with_paths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +81,7 @@ class Plan:
 
         Cheap: one flatten and a shape/dtype comparison per leaf, with no path strings unless the structure differs.
         """
-        leaves, treedef = jax.tree.flatten(params)
+        leaves, treedef = jax.tree.flatten(params, is_leaf=is_array_leaf)
         if treedef == self.treedef and all(
             tuple(np.shape(x)) == shape and _dtype(x) == dtype
             for x, shape, dtype in zip(leaves, self.shapes.values(), self.dtypes.values(), strict=True)
@@ -308,7 +308,7 @@ def plan(params: PyTree, config: LoraConfig) -> Plan:
         saved=saved,
         shapes=FrozenMapping(shapes),
         dtypes=FrozenMapping(dtypes),
-        treedef=jax.tree.structure(params),
+        treedef=jax.tree.structure(params, is_leaf=is_array_leaf),
     )
 
 
