@@ -6,7 +6,7 @@ hand it to the other functions.
 
 import warnings as _warnings
 
-from jaxlora import analysis, checkpoint, layers, name_maps, peft_format
+from jaxlora import analysis, checkpoint, layers, loraplus, name_maps, peft_format, quantization
 from jaxlora._src.builtin_layers import register_builtin_layers as _register_builtin_layers
 from jaxlora._src.builtin_nnx_layers import register_builtin_nnx_layers as _register_builtin_nnx_layers
 from jaxlora._src.config import ALL_EMBEDDINGS, ALL_KERNELS, LoraConfig
@@ -15,7 +15,8 @@ from jaxlora._src.initializers import init
 from jaxlora._src.interception import DROPOUT_RNG, apply, apply_fn
 from jaxlora._src.layer_kinds import register_layer, unregister_layer
 from jaxlora._src.linear import lora_linear
-from jaxlora._src.merging import merge, unmerge
+from jaxlora._src.loraplus import loraplus_optimizer
+from jaxlora._src.merging import dora_norms, merge, unmerge
 from jaxlora._src.nnx_interception import apply_nnx, apply_nnx_fn
 from jaxlora._src.partitioning import combine, count_params, labels, optimizer, partition
 from jaxlora._src.planning import LeafPlan, Plan, plan, summary
@@ -44,16 +45,20 @@ __all__ = [
     "checkpoint",
     "combine",
     "count_params",
+    "dora_norms",
     "init",
     "labels",
     "layers",
     "lora_linear",
+    "loraplus",
+    "loraplus_optimizer",
     "merge",
     "name_maps",
     "optimizer",
     "partition",
     "peft_format",
     "plan",
+    "quantization",
     "register_layer",
     "summary",
     "unmerge",

@@ -494,7 +494,6 @@ def _peft_adapter(directory: Path, config) -> Path:
 @pytest.mark.parametrize(
     ("peft_config", "named"),
     [
-        (lambda: peft.LoraConfig(r=2, target_modules=["linear1"], use_dora=True), "use_dora"),
         (lambda: peft.LoraConfig(r=2, target_modules=["linear1"], lora_bias=True), "lora_bias"),
         (lambda: peft.LoraConfig(r=2, target_modules=["linear1"], bias="all"), "bias='all'"),
     ],
@@ -525,8 +524,8 @@ def test_dora_weights_without_the_config_flag_are_refused(tmp_path):
     _edit_config(directory, use_dora=False)
     message = (
         f"{directory / 'adapter_model.safetensors'} holds keys jaxlora cannot place: "
-        "['base_model.model.linear1.lora_magnitude_vector'] (these come from DoRA (use_dora) magnitude vectors, "
-        "which jaxlora does not support)"
+        "['base_model.model.linear1.lora_magnitude_vector'] (these come from DoRA magnitude vectors while "
+        "adapter_config.json says use_dora=false, which jaxlora does not support)"
     )
     with pytest.raises(ValueError, match=re.escape(message)):
         load_peft(directory, base)

@@ -15,8 +15,10 @@ import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 from jax import lax
 
-from jaxlora._src.layer_kinds import LayerCall, additive, linear_term, register_layer
+from jaxlora._src.dora import dora_linear, dora_linear_dropout
+from jaxlora._src.layer_kinds import Adapter, LayerCall, additive, linear_term, register_layer
 from jaxlora._src.linear import lora_linear
+from jaxlora._src.quantization import is_quantized, quantized_linear
 
 # Set while jaxlora computes an adapter term with a helper module, so that its calls are not intercepted.
 inside_adapter = contextvars.ContextVar("jaxlora_inside_adapter", default=False)
@@ -36,14 +38,48 @@ def serve_dense(call: LayerCall) -> Any:
     """nn.Dense through the hand-written `lora_linear` VJP (frozen ones too); other Dense variants additively."""
     module = call.module
     if not (_plain_dense(module) and len(call.args) == 1 and not call.kwargs):
+        if call.adapter is not None and call.adapter.magnitude is not None:
+            raise ValueError(
+                f"DoRA is served for a plain flax.linen.Dense call; {type(module).__qualname__} at "
+                f"{'/'.join(module.path)!r} sets precision/dot_general or is called with extra arguments: "
+                "exclude it from the targets or use plain LoRA for it"
+            )
         return additive(linear_term)(call)
     kernel = module.get_variable("params", "kernel")
     bias = module.get_variable("params", "bias") if module.use_bias else None
+    if is_quantized(kernel):
+        return serve_quantized_dense(call, kernel, bias)
     x, kernel, bias = promote_dtype(call.x, kernel, bias, dtype=module.dtype)
     adapter = call.adapter
+    if adapter is not None and adapter.magnitude is not None:
+        return serve_dora_dense(x, kernel, bias, adapter)
     if adapter is None:
         return lora_linear(x, x, kernel, bias, None, None, 1.0)
     return lora_linear(x, adapter.drop(x), kernel, bias, adapter.a, adapter.b, adapter.scale)
+
+
+def serve_dora_dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, adapter: Adapter) -> jax.Array:
+    """DoRA through the hand-written `dora_linear` VJP; with LoRA dropout active, PEFT's training-mode form."""
+    x_lora = adapter.drop(x)
+    if x_lora is x:
+        return dora_linear(x, kernel, bias, adapter.a, adapter.b, adapter.magnitude, adapter.scale)
+    return dora_linear_dropout(x, x_lora, kernel, bias, adapter.a, adapter.b, adapter.magnitude, adapter.scale)
+
+
+def serve_quantized_dense(call: LayerCall, kernel: Any, bias: jax.Array | None) -> jax.Array:
+    """nn.Dense over a quantized kernel: `quantized_linear` dequantizes it inside the forward and backward pass."""
+    adapter, module = call.adapter, call.module
+    if adapter is not None and adapter.magnitude is not None:
+        raise ValueError(
+            f"DoRA on a quantized kernel ({'/'.join(module.path)!r}) is not supported yet: use plain LoRA on the "
+            "quantized base (use_dora=False), or keep this kernel in float"
+        )
+    dtype = module.dtype or jnp.result_type(call.x, kernel.dtype)
+    x = jnp.asarray(call.x, dtype)
+    bias = None if bias is None else jnp.asarray(bias, dtype)
+    if adapter is None:
+        return quantized_linear(x, x, kernel, bias, None, None, 1.0)
+    return quantized_linear(x, adapter.drop(x), kernel, bias, adapter.a, adapter.b, adapter.scale)
 
 
 def _dense_general_contraction(module: nn.DenseGeneral) -> int | None:
@@ -121,7 +157,7 @@ def _embed_term(call: LayerCall) -> jax.Array:
 
 def register_builtin_layers() -> None:
     """Registers the five linen kinds (once; called when jaxlora is imported)."""
-    register_layer(nn.Dense, serve_dense, contraction=lambda module: 1, serves_frozen=True)
+    register_layer(nn.Dense, serve_dense, contraction=lambda module: 1, serves_frozen=True, supports_dora=True)
     register_layer(nn.DenseGeneral, additive(_dense_general_term), contraction=_dense_general_contraction)
     register_layer(nn.Einsum, additive(_einsum_term), contraction=_einsum_contraction)
     register_layer(nn.Conv, additive(_conv_term), contraction=_conv_contraction)

@@ -61,6 +61,8 @@ class LoraConfig:
       layers_to_transform: regex -> the indices of the stacked layers to adapt (PEFT's `layers_to_transform`),
         counted over the flattened stack axes; the other layers keep B = 0 and receive no update.
       predicate: an extra filter `predicate(path, leaf) -> bool` over the targets.
+      use_dora: DoRA (weight-decomposed LoRA): W' = m ⊙ (W + s·A B) / ‖W + s·A B‖ per output column, with a
+        trainable magnitude m (initialised to ‖W‖) stored as a third adapter entry "magnitude".
 
     Example:
       >>> import jaxlora
@@ -84,6 +86,7 @@ class LoraConfig:
     stacked_axes: Mapping[str, int] = FrozenMapping()
     layers_to_transform: Mapping[str, tuple[int, ...]] = FrozenMapping()
     predicate: Callable[[str, Any], bool] | None = None
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         for field in ("targets", "exclude", "modules_to_save"):
@@ -125,6 +128,8 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.init_std must be > 0 (or None for 1/rank), got {self.init_std!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"LoraConfig.use_dora must be True or False, got {self.use_dora!r}")
 
     def rank_for(self, path: str) -> int:
         """The rank of the adapter at `path`: the first matching `rank_pattern`, else `rank`."""

@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxlora._src.config import LoraConfig
-from jaxlora._src.paths import PyTree, map_with_paths, unflatten_adapters
+from jaxlora._src.dora import initial_magnitude
+from jaxlora._src.paths import PyTree, leaves_with_paths, map_with_paths, unflatten_adapters
 from jaxlora._src.planning import LeafPlan, Plan, resolve
 from jaxlora._src.svd import top_singular
 
@@ -87,7 +88,7 @@ def init(key: jax.Array, params: PyTree, plan: Plan | LoraConfig) -> tuple[PyTre
     config = resolved.config
     if config.init != "pissa":
         pairs = {path: _random_pair(leaf_key(key, path), leaf, config) for path, leaf in resolved.leaves.items()}
-        return params, unflatten_adapters(pairs)
+        return params, unflatten_adapters(_with_magnitudes(params, pairs, resolved))
     pairs = {}
 
     def residual(path: str, weight):
@@ -97,4 +98,16 @@ def init(key: jax.Array, params: PyTree, plan: Plan | LoraConfig) -> tuple[PyTre
         return weight
 
     params = map_with_paths(residual, params)
-    return params, unflatten_adapters(pairs)
+    return params, unflatten_adapters(_with_magnitudes(params, pairs, resolved))
+
+
+def _with_magnitudes(params: PyTree, pairs: dict, resolved: Plan) -> dict:
+    """DoRA adapters get m = ‖W + s·A B‖ per output column, so the adapted model starts as the base model."""
+    if not any(leaf.use_dora for leaf in resolved.leaves.values()):
+        return pairs
+    weights = dict(leaves_with_paths(params))
+    for path, pair in pairs.items():
+        leaf = resolved.leaves[path]
+        if leaf.use_dora:
+            pair["magnitude"] = initial_magnitude(weights[path], pair, leaf, pair["lora_a"].dtype)
+    return pairs

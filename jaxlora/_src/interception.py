@@ -88,6 +88,8 @@ class _Interceptor:
             return next_fun(*args, **kwargs)  # the layer contracts other axes than the adapter was planned for
         if adapter is None and not (kind.serves_frozen and self.fast_dense):
             return next_fun(*args, **kwargs)
+        if adapter is not None and adapter.magnitude is not None and not kind.supports_dora:
+            raise ValueError(unsupported_dora_message(path, module))
         call = LayerCall(module, method, args, kwargs, adapter, base=lambda: next_fun(*args, **kwargs))
         out = kind.serve(call)
         if out is None:
@@ -95,6 +97,14 @@ class _Interceptor:
         if adapter is not None:
             self.served.add(path)
         return out
+
+
+def unsupported_dora_message(path: str, module: nn.Module) -> str:
+    return (
+        f"DoRA (use_dora=True) is not supported yet for {type(module).__qualname__} layers (at {path!r}); "
+        "jaxlora serves DoRA for flax.linen.Dense: exclude this layer from the targets (LoraConfig.exclude) or "
+        "use plain LoRA for it"
+    )
 
 
 def _dropout_rng(kwargs: Mapping[str, Any]) -> jax.Array | None:
@@ -181,8 +191,9 @@ def apply_fn(
         stacked = {path: leaf for path, leaf in resolved.leaves.items() if leaf.stacked_axes}
 
         def adapter(path: str) -> Adapter:
-            leaf = resolved.leaves[path]
-            return Adapter(flat[path]["lora_a"], flat[path]["lora_b"], leaf, dropout, _leaf_rng(dropout_rng, leaf))
+            leaf, pair = resolved.leaves[path], flat[path]
+            rng = _leaf_rng(dropout_rng, leaf)
+            return Adapter(pair["lora_a"], pair["lora_b"], leaf, dropout, rng, pair.get("magnitude"))
 
         def run_with(params, unstacked, stacked_paths):
             entries = _stacked_entries(flat, resolved, dropout_rng, stacked_paths)

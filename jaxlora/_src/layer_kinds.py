@@ -29,6 +29,7 @@ class Adapter:
     leaf: LeafPlan
     dropout: float = 0.0
     rng: jax.Array | None = None
+    magnitude: jax.Array | None = None  # DoRA's m, for kinds registered with supports_dora
 
     @property
     def scale(self) -> float:
@@ -84,6 +85,7 @@ class LayerKind:
         Leave it None to accept the plan's `fan_in_ndim` as is.
       serves_frozen: also route calls without adapter through `serve` (the built-in Dense does, so frozen
         layers use the same hand-written backward pass).
+      supports_dora: `serve` handles DoRA adapters; DoRA adapters on other kinds are refused, naming the kind.
     """
 
     module_type: type
@@ -92,6 +94,7 @@ class LayerKind:
     methods: tuple[str, ...] = ("__call__",)
     contraction: Callable[[Any], int | None] | None = None
     serves_frozen: bool = False
+    supports_dora: bool = False
 
 
 _REGISTRY: dict[type, LayerKind] = {}
@@ -112,6 +115,7 @@ def register_layer(
     methods: tuple[str, ...] | str = ("__call__",),
     contraction: Callable[[Any], int | None] | None = None,
     serves_frozen: bool = False,
+    supports_dora: bool = False,
 ) -> LayerKind:
     """Registers how `jaxlora.apply` serves adapters of a module type factored, instead of merging them.
 
@@ -123,6 +127,7 @@ def register_layer(
       methods: the methods that compute with W.
       contraction: see `LayerKind`.
       serves_frozen: also route calls without adapter through `serve`.
+      supports_dora: `serve` handles DoRA adapters (`call.adapter.magnitude` set); other kinds refuse them.
 
     Returns:
       The registered `LayerKind`.
@@ -162,6 +167,7 @@ def register_layer(
         methods=methods,
         contraction=contraction,
         serves_frozen=serves_frozen,
+        supports_dora=supports_dora,
     )
     _REGISTRY[module_type] = kind
     return kind

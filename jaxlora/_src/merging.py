@@ -10,8 +10,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxlora._src.config import LoraConfig
-from jaxlora._src.paths import PyTree, map_with_paths
+from jaxlora._src.dora import leaf_norms, merged_weight
+from jaxlora._src.paths import PyTree, leaves_with_paths, map_with_paths
 from jaxlora._src.planning import LeafPlan, Plan, resolve
+from jaxlora._src.quantization import check_mergeable, dequantize
 
 # Up to this rank, s·A B is summed as rank-one outer products inside one element-wise loop that XLA fuses
 # with the add: W is read and written once, on every core, and A B never exists on its own. A GEMM with an
@@ -95,13 +97,25 @@ def add_deltas(
     leaves: dict[str, LeafPlan],
     sign: float = 1.0,
     check_finite: bool = True,
+    norms: dict[str, jax.Array] | None = None,
 ) -> PyTree:
-    """`W + sign·s·A B` for the leaves in the flat `pairs` mapping; every other leaf is passed through."""
+    """`W + sign·s·A B` for the leaves in the flat `pairs` mapping; every other leaf is passed through.
+
+    DoRA pairs (with a "magnitude") give m ⊙ (W + s·A B) / ‖W + s·A B‖, and back with sign=-1 and their `norms`.
+    """
+
+    check_mergeable(pairs, params)
 
     def update(path: str, weight):
         if path not in pairs:
             return weight
         leaf = leaves[path]
+        weight = dequantize(weight)  # a quantized kernel merges into a float one
+        if "magnitude" in pairs[path]:
+            out, finite = _dora_merged(weight, pairs[path], leaf, sign, None if norms is None else norms[path])
+            if check_finite:
+                _check_finite(path, finite)
+            return out
         a, b = pairs[path]["lora_a"], masked_b(pairs[path]["lora_b"], leaf)
         out, finite = _added(weight, a, b, sign * leaf.scale, leaf.dtype, leaf.stacked_axes)
         if check_finite:
@@ -111,9 +125,74 @@ def add_deltas(
     return map_with_paths(update, params)
 
 
-def _apply_delta(params: PyTree, adapters: dict, plan: Plan | LoraConfig, sign: float, check_finite: bool) -> PyTree:
+@functools.partial(jax.jit, static_argnames=("leaf", "sign"))
+def _dora_merged(weight, pair, leaf: LeafPlan, sign: float, norms) -> tuple[jax.Array, jax.Array]:
+    out = merged_weight(weight, pair, leaf, sign, norms)
+    return out.astype(leaf.dtype), jnp.isfinite(out).all()
+
+
+def _apply_delta(
+    params: PyTree, adapters: dict, plan: Plan | LoraConfig, sign: float, check_finite: bool, norms=None
+) -> PyTree:
     resolved = resolve(params, plan)
-    return add_deltas(params, resolved.check_adapters(adapters), resolved.leaves, sign, check_finite)
+    pairs = resolved.check_adapters(adapters)
+    if sign < 0 and any("magnitude" in pair for pair in pairs.values()):
+        norms = _check_norms(norms, pairs, resolved)
+    return add_deltas(params, pairs, resolved.leaves, sign, check_finite, norms)
+
+
+def _check_norms(norms, pairs: dict, resolved: Plan) -> dict:
+    """The flat `{path: column norms}` DoRA's unmerge needs, after checking they are there and fit."""
+    if norms is None:
+        raise ValueError(
+            "unmerging DoRA adapters needs the column norms ‖W + s·A B‖ of the weights before merging (the merged "
+            "weight's column norms are the magnitudes, so they cannot be recovered from it): compute "
+            "norms = jaxlora.dora_norms(params, adapters, plan) before jaxlora.merge and pass unmerge(..., norms=norms)"
+        )
+    flat = {p: v for p, v in leaves_with_paths(norms)} if not all(p in norms for p in pairs) else dict(norms)
+    for path, pair in pairs.items():
+        if "magnitude" not in pair:
+            continue
+        if path not in flat or tuple(jnp.shape(flat[path])) != resolved.leaves[path].magnitude_shape:
+            raise ValueError(
+                f"norms for {path!r} are missing or misshaped (want {resolved.leaves[path].magnitude_shape}); "
+                "pass the dict jaxlora.dora_norms(params, adapters, plan) returned"
+            )
+    return flat
+
+
+def dora_norms(params: PyTree, adapters: dict, plan: Plan | LoraConfig) -> dict[str, jax.Array]:
+    """`{path: ‖W + s·A B‖ per output column}` for every DoRA adapter, computed factored (no W + s·A B formed).
+
+    Keep them when merging DoRA adapters: `unmerge` needs them to take the adapters out again.
+
+    Args:
+      params: the base params (not merged).
+      adapters: DoRA adapters (`LoraConfig(use_dora=True)`).
+      plan: from `jaxlora.plan(params, config)`.
+
+    Returns:
+      A flat dict from the adapted leaf's path to its float32 column norms (shape: W's output axes).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxlora
+      >>> params = {"dense": {"kernel": jnp.ones((4, 3))}}
+      >>> plan = jaxlora.plan(params, jaxlora.LoraConfig(rank=2, use_dora=True))
+      >>> params, adapters = jaxlora.init(jax.random.key(0), params, plan)
+      >>> norms = jaxlora.dora_norms(params, adapters, plan)
+      >>> merged = jaxlora.merge(params, adapters, plan)
+      >>> back = jaxlora.unmerge(merged, adapters, plan, norms=norms)
+      >>> bool(jnp.allclose(back["dense"]["kernel"], 1.0)), norms["dense/kernel"].tolist()
+      (True, [2.0, 2.0, 2.0])
+    """
+    resolved = resolve(params, plan)
+    pairs = resolved.check_adapters(adapters)
+    weights = dict(leaves_with_paths(params))
+    return {
+        path: leaf_norms(weights[path], pair, resolved.leaves[path])
+        for path, pair in pairs.items()
+        if "magnitude" in pair
+    }
 
 
 def merge(params: PyTree, adapters: dict, plan: Plan | LoraConfig, *, check_finite: bool = True) -> PyTree:
@@ -143,7 +222,9 @@ def merge(params: PyTree, adapters: dict, plan: Plan | LoraConfig, *, check_fini
     return _apply_delta(params, adapters, plan, 1.0, check_finite)
 
 
-def unmerge(merged: PyTree, adapters: dict, plan: Plan | LoraConfig, *, check_finite: bool = True) -> PyTree:
+def unmerge(
+    merged: PyTree, adapters: dict, plan: Plan | LoraConfig, *, check_finite: bool = True, norms: dict | None = None
+) -> PyTree:
     """`W - s·A B` for every adapted leaf: the inverse of `merge` up to float rounding.
 
     Args:
@@ -151,6 +232,7 @@ def unmerge(merged: PyTree, adapters: dict, plan: Plan | LoraConfig, *, check_fi
       adapters: the adapters that were merged.
       plan: the plan (or config) they were merged with.
       check_finite: outside jit, raise if a leaf holds NaN or Inf.
+      norms: DoRA adapters only: `jaxlora.dora_norms(params, adapters, plan)` taken before merging.
 
     Returns:
       A new tree with the update taken out again.
@@ -164,4 +246,4 @@ def unmerge(merged: PyTree, adapters: dict, plan: Plan | LoraConfig, *, check_fi
       >>> bool(jnp.allclose(back["dense"]["kernel"], 1.0))
       True
     """
-    return _apply_delta(merged, adapters, plan, -1.0, check_finite)
+    return _apply_delta(merged, adapters, plan, -1.0, check_finite, norms)

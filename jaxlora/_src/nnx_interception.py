@@ -159,6 +159,11 @@ def apply_nnx_fn(plan: Plan | LoraConfig, *, strict: bool = False) -> Callable[.
     def run(module: nnx.Module, adapters: Mapping, *args: Any, **kwargs: Any) -> Any:
         params = nnx.state(module, nnx.Param)
         resolved = resolve(params, plan)
+        if resolved.config.use_dora:
+            raise ValueError(
+                "DoRA adapters are served factored for flax.linen nn.Dense only so far; for an NNX module, merge "
+                "them into a copy of its params with jaxlora.merge, or train plain LoRA (use_dora=False)"
+            )
         flat = resolved.check_adapters(adapters)
         rngs = kwargs.get("rngs")
         dropout_rng = _dropout_rng(kwargs)

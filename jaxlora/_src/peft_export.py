@@ -17,7 +17,7 @@ from jaxlora._src.atomic_files import atomic_directory
 from jaxlora._src.config import LoraConfig
 from jaxlora._src.name_maps import NameMap, module_table, to_torch, torch_module, torch_param
 from jaxlora._src.paths import PyTree, leaves_with_paths
-from jaxlora._src.peft_keys import CONFIG_NAME, PREFIX, WEIGHTS_NAME
+from jaxlora._src.peft_keys import CONFIG_NAME, MAGNITUDE_KEY, PREFIX, WEIGHTS_NAME
 from jaxlora._src.planning import LeafPlan, Plan, resolve
 from jaxlora._src.safetensors_io import write_tensors
 
@@ -49,6 +49,16 @@ def _lora_tensors(pair: Mapping[str, Any], layout: str, path: str) -> dict[str, 
     )
 
 
+def _magnitude_tensor(pair: Mapping[str, Any], layout: str, path: str) -> np.ndarray:
+    """PEFT's DoRA ``lora_magnitude_vector``: one entry per output feature (our magnitude, flattened)."""
+    if layout not in ("linear", "conv1d"):
+        raise ValueError(
+            f"cannot export the DoRA adapter of {path!r} to PEFT: jaxlora writes DoRA magnitudes for linear and "
+            f"conv1d layers, and this one is {layout!r}; exclude it from the targets"
+        )
+    return np.asarray(pair["magnitude"]).reshape(-1)
+
+
 def _pattern_key(name: str, modules: list[str]) -> str:
     """A rank_pattern / alpha_pattern key that PEFT (``re.match(r"(.*\\.)?(key)$")``) matches to `name` only."""
     if all(m == name or not re.match(rf"(.*\.)?({name})$", m) for m in modules):
@@ -78,6 +88,8 @@ def _adapter_tensors(plan: Plan, pairs: Mapping, torch_name: TorchName, names: l
         for name, pair in _per_layer(path, leaf, pairs[path], template):
             for suffix, tensor in _lora_tensors(pair, layout, path).items():
                 tensors[f"{PREFIX}{name}.{suffix}"] = tensor
+            if "magnitude" in pair:
+                tensors[f"{PREFIX}{name}.{MAGNITUDE_KEY}"] = _magnitude_tensor(pair, layout, path)
             targets.append(name)
             layouts.add(layout)
             if leaf.rank != config.rank:
@@ -147,7 +159,7 @@ def _peft_config(config: LoraConfig, entries: Mapping[str, Any], saved_modules: 
         "modules_to_save": saved_modules or None,
         "lora_dropout": config.dropout,
         "bias": "none",
-        "use_dora": False,
+        "use_dora": config.use_dora,
         "lora_bias": False,
         "init_lora_weights": True,
         "inference_mode": True,

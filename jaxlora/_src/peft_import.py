@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jaxlora._src.config import LoraConfig
 from jaxlora._src.name_maps import NameMap, from_torch, module_table, torch_param
 from jaxlora._src.paths import PyTree, leaves_with_paths, map_with_paths, unflatten_adapters
-from jaxlora._src.peft_keys import CONFIG_NAME, PREFIX, WEIGHTS_NAME
+from jaxlora._src.peft_keys import CONFIG_NAME, MAGNITUDE_KEY, PREFIX, WEIGHTS_NAME
 from jaxlora._src.planning import Plan
 from jaxlora._src.planning import plan as make_plan
 from jaxlora._src.safetensors_io import read_tensors
@@ -32,18 +32,20 @@ _FACTOR_KEYS = {
     "lora_B.weight": ("lora_b", "linear"),
     "lora_embedding_A": ("lora_a", "embedding"),
     "lora_embedding_B": ("lora_b", "embedding"),
+    MAGNITUDE_KEY: ("magnitude", "linear"),
 }
-_LORA_KEY = re.compile(r"(?P<module>.+)\.(?P<factor>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)")
+_LORA_KEY = re.compile(
+    r"(?P<module>.+)\.(?P<factor>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
+)
 # Keys that only other PEFT features write; named in the error instead of being loaded partially.
 _UNSUPPORTED_KEYS = {
-    "lora_magnitude_vector": "DoRA (use_dora) magnitude vectors",
+    "lora_magnitude_vector": "DoRA magnitude vectors while adapter_config.json says use_dora=false",
     "lora_B.bias": "LoRA bias adapters (lora_bias)",
     "lora_A.bias": "LoRA bias adapters (lora_bias)",
     "trainable_tokens": "trainable tokens (trainable_token_indices)",
 }
 # adapter_config.json settings that change what the file means; loading them as plain LoRA would be wrong.
 _UNSUPPORTED_SETTINGS = (
-    "use_dora",
     "lora_bias",
     "target_parameters",
     "trainable_token_indices",
@@ -147,14 +149,22 @@ def _read_directory(directory: Path) -> tuple[dict[str, Any], dict[str, Any], Pa
     return peft_config, {k.removeprefix(PREFIX): v for k, v in raw.items()}, weights_file
 
 
-def _sort_tensors(tensors: Mapping[str, Any], modules: Modules, saved_names: list[str], source: Path) -> _Factors:
-    """Sorts the tensors into LoRA factors and modules_to_save weights; ValueError for keys it cannot place."""
+def _sort_tensors(
+    tensors: Mapping[str, Any], modules: Modules, saved_names: list[str], source: Path, use_dora: bool = False
+) -> _Factors:
+    """Sorts the tensors into LoRA factors and modules_to_save weights; ValueError for keys it cannot place.
+
+    DoRA magnitudes are factors only in a file whose config says use_dora.
+    """
     factors: dict[str, dict[str, Any]] = {}
     kinds: dict[str, str] = {}
     saved: dict[str, Any] = {}
     unexpected: list[str] = []
     for key, value in tensors.items():
         match = _LORA_KEY.fullmatch(key)
+        if match and match["factor"] == MAGNITUDE_KEY and not use_dora:
+            unexpected.append(key)
+            continue
         if match:
             name, (factor, kind) = match["module"], _FACTOR_KEYS[match["factor"]]
             factors.setdefault(name, {})[factor] = value
@@ -199,10 +209,17 @@ def _check_coverage(factors: Mapping[str, Any], modules: Modules, peft_config: M
         )
 
 
-def _module_path(name: str, kind: str, factor: Mapping[str, Any], modules: Modules, source: Path) -> str:
+def _module_path(
+    name: str, kind: str, factor: Mapping[str, Any], modules: Modules, source: Path, use_dora: bool = False
+) -> str:
     """Our param path for the LoRA factors of torch module `name`, after checking they fit that module."""
     module_path, layout, leaves, _ = modules[name]
     missing_factor = {"lora_a", "lora_b"} - set(factor)
+    if not missing_factor and use_dora and "magnitude" not in factor:
+        raise ValueError(
+            f"{source} has no {PREFIX}{name}.{MAGNITUDE_KEY}, but {CONFIG_NAME} sets use_dora=true; "
+            "the file is incomplete: export it again"
+        )
     if missing_factor:
         key = {"linear": "lora_A.weight", "embedding": "lora_embedding_A"}[kind]
         key = key.replace("A", "B") if "lora_b" in missing_factor else key
@@ -232,7 +249,7 @@ def _convert_factors(
     per_layer: dict[str, dict[int, dict[str, Any]]] = {}
     for name, factor in sorted(sorted_.factors.items()):
         kind, layer = sorted_.kinds[name], modules[name].layer
-        path = _module_path(name, kind, factor, modules, source)
+        path = _module_path(name, kind, factor, modules, source, bool(peft_config.get("use_dora")))
         shape = shapes[path] if layer is None else shapes[path][1:]
         pair, out.fan_in_ndims[path] = _convert_pair(factor, kind, name, path, shape, str(source))
         if layer is None:
@@ -291,6 +308,7 @@ def _jaxlora_config(
         },
         stacked_axes={re.escape(p): 1 for p in converted.layers},
         layers_to_transform={re.escape(p): layers for p, layers in converted.layers.items() if layers is not None},
+        use_dora=bool(peft_config.get("use_dora", False)),
     )
 
 
@@ -327,7 +345,7 @@ def load_peft(directory: str | os.PathLike, params: PyTree, *, name_map: NameMap
     shapes = {p: tuple(jnp.shape(v)) for p, v in flat_params.items()}
     modules = module_table(shapes, name_map)
     saved_names = peft_config.get("modules_to_save") or []
-    sorted_ = _sort_tensors(tensors, modules, saved_names, source)
+    sorted_ = _sort_tensors(tensors, modules, saved_names, source, bool(peft_config.get("use_dora")))
     _check_coverage(sorted_.factors, modules, peft_config, source)
     converted = _convert_factors(sorted_, modules, shapes, peft_config, source)
     new_params, saved_paths = _load_saved(params, flat_params, sorted_.saved, modules, saved_names, str(source))
@@ -362,7 +380,15 @@ def _convert_pair(
         )
     a = jnp.asarray(lora_a).T.reshape(*shape[:k], rank)
     b = jnp.asarray(lora_b).T.reshape(rank, *shape[k:])
-    return {"lora_a": a, "lora_b": b}, k
+    if "magnitude" not in factor:
+        return {"lora_a": a, "lora_b": b}, k
+    magnitude = jnp.asarray(factor["magnitude"])
+    if magnitude.shape != (fan_out,):
+        raise ValueError(
+            f"{source}: {name!r} has {MAGNITUDE_KEY} of shape {tuple(magnitude.shape)}, expected ({fan_out},) "
+            "(one entry per output feature); the adapter belongs to a different model"
+        )
+    return {"lora_a": a, "lora_b": b, "magnitude": magnitude.reshape(shape[k:])}, k
 
 
 def _load_saved(

@@ -13,3 +13,6 @@ from __future__ import annotations
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 PREFIX = "base_model.model."
+# DoRA (use_dora=True): the magnitude vector of module m is stored as ``base_model.model.m.lora_magnitude_vector``
+# (out,), one entry per output feature, PEFT's ``lora_magnitude_vector[adapter].weight``.
+MAGNITUDE_KEY = "lora_magnitude_vector"

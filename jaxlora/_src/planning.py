@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxlora._src.config import LoraConfig, _first_match
 from jaxlora._src.immutable import FrozenMapping
-from jaxlora._src.paths import PyTree, flatten_adapters, leaves_with_paths
+from jaxlora._src.paths import PyTree, flatten_adapters, is_array_leaf, leaves_with_paths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +58,8 @@ class LeafPlan:
     def num_adapted_layers(self) -> int:
         return self.num_layers if self.layers is None else len(self.layers)
 
+    use_dora: bool = False
+
     @property
     def fan_in(self) -> int:
         return math.prod(self.layer_shape[: self.fan_in_ndim])
@@ -75,8 +77,14 @@ class LeafPlan:
         return (*self.stack_shape, self.rank, *self.layer_shape[self.fan_in_ndim :])
 
     @property
+    def magnitude_shape(self) -> tuple[int, ...]:
+        """DoRA's magnitude vector: one entry per output column of W (per layer when stacked)."""
+        return (*self.stack_shape, *self.layer_shape[self.fan_in_ndim :])
+
+    @property
     def num_lora_params(self) -> int:
-        return self.num_adapted_layers * self.rank * (self.fan_in + self.fan_out)
+        per_layer = self.rank * (self.fan_in + self.fan_out) + (self.fan_out if self.use_dora else 0)
+        return self.num_adapted_layers * per_layer
 
     def layer_mask(self) -> np.ndarray | None:
         """1.0 for adapted layers and 0.0 for the others, shaped like the stack; None when every layer is adapted."""
@@ -108,7 +116,7 @@ class Plan:
 
         Cheap: one flatten and a shape/dtype comparison per leaf, with no path strings unless the structure differs.
         """
-        leaves, treedef = jax.tree.flatten(params)
+        leaves, treedef = jax.tree.flatten(params, is_leaf=is_array_leaf)
         if treedef == self.treedef and all(
             tuple(np.shape(x)) == shape and _dtype(x) == dtype
             for x, shape, dtype in zip(leaves, self.shapes.values(), self.dtypes.values(), strict=True)
@@ -155,7 +163,10 @@ class Plan:
             )
         for path, pair in flat.items():
             leaf = self.leaves[path]
-            for name, want in (("lora_a", leaf.a_shape), ("lora_b", leaf.b_shape)):
+            _check_magnitude(path, leaf, pair)
+            for name, want in (("lora_a", leaf.a_shape), ("lora_b", leaf.b_shape), ("magnitude", leaf.magnitude_shape)):
+                if name not in pair:
+                    continue
                 got = tuple(np.shape(pair[name]))
                 if got != want:
                     stack = f", {leaf.num_layers} stacked layers" if leaf.stacked_axes else ""
@@ -207,6 +218,20 @@ class Plan:
 
     def __str__(self) -> str:
         return self.table()
+
+
+def _check_magnitude(path: str, leaf: LeafPlan, pair: Mapping[str, Any]) -> None:
+    """DoRA adapters carry a magnitude exactly when the plan says DoRA."""
+    if leaf.use_dora and "magnitude" not in pair:
+        raise ValueError(
+            f"adapter {path} has no 'magnitude', but the config sets use_dora=True; create the adapters with "
+            "jaxlora.init(key, params, plan) from this plan, or build the plan with use_dora=False"
+        )
+    if not leaf.use_dora and "magnitude" in pair:
+        raise ValueError(
+            f"adapter {path} holds a DoRA 'magnitude', but the config has use_dora=False; build the plan with "
+            "LoraConfig(..., use_dora=True) to use DoRA adapters"
+        )
 
 
 def _dtype(leaf: Any) -> np.dtype:
@@ -293,13 +318,13 @@ def plan(params: PyTree, config: LoraConfig) -> Plan:
         saved=saved,
         shapes=FrozenMapping(shapes),
         dtypes=FrozenMapping(dtypes),
-        treedef=jax.tree.structure(params),
+        treedef=jax.tree.structure(params, is_leaf=is_array_leaf),
     )
 
 
 def _leaf_plan(path: str, shape: tuple[int, ...], dtype: Any, config: LoraConfig) -> LeafPlan:
     """The plan of one targeted leaf, after checking that it can carry the adapter the config asks for."""
-    if not jnp.issubdtype(dtype, jnp.floating):
+    if not jnp.issubdtype(dtype, jnp.floating) or len(shape) < 2:
         raise ValueError(
             f"LoRA target {path!r} is a {dtype} array of shape {shape}; adapters need a floating-point "
             "array of rank >= 2: narrow `targets` or add it to `exclude`"
@@ -328,7 +353,13 @@ def _leaf_plan(path: str, shape: tuple[int, ...], dtype: Any, config: LoraConfig
         scale=config.scale_for(path),
         stacked_axes=stacked,
         layers=_first_match(config.layers_to_transform, path, None),
+        use_dora=config.use_dora,
     )
+    if entry.use_dora and stacked:
+        raise ValueError(
+            f"DoRA (use_dora) on the stacked kernel {path!r} is not supported yet: use plain LoRA for stacked layers, "
+            "or unstack them"
+        )
     if entry.layers is not None:
         if not stacked:
             raise ValueError(

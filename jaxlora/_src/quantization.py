@@ -1,0 +1,294 @@
+"""A quantized frozen base (QLoRA): adapted kernels stored as NF4 or int8 codes plus scales, LoRA trained on top.
+
+`quantize(params, plan)` is a pure pytree transform, applied once: each adapted 2-D kernel becomes a
+`qwix.QArray` (codes + scales) and the tree keeps its structure. The factored Dense layer dequantizes inside
+its forward and backward passes (`quantized_linear`), so no float copy of a quantized kernel lives across the
+training step.
+
+Formats (both symmetric absmax, as QLoRA and bitsandbytes):
+  - "nf4": 4-bit NormalFloat codes (Dettmers et al. 2023, appendix E), one absmax scale per block of
+    `block_size` (default 64) consecutive input features of each output column: PyTorch's (out, in) weight
+    flattened in blocks of 64, exactly bitsandbytes' layout. Codes are stored packed (uint4).
+  - "int8": int8 codes with one scale per output channel.
+
+The arrays come from qwix (`qwix.quantize` / `qwix.dequantize`, the library tunix and MaxText use for QLoRA).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import math
+import sys
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxlora._src.config import LoraConfig
+from jaxlora._src.linear import _matmul, _matmul_t, _outer
+from jaxlora._src.paths import PyTree, leaves_with_paths, map_with_paths, register_leaf_test
+from jaxlora._src.planning import Plan, resolve
+
+Kind = Literal["nf4", "int8"]
+KINDS = ("nf4", "int8")
+DEFAULT_BLOCK_SIZE = 64  # QLoRA's NF4 block size
+
+
+def _qwix():
+    """qwix, imported on first use (about a second), so that plain LoRA users do not pay for it."""
+    try:
+        return importlib.import_module("qwix")
+    except ImportError:
+        raise ImportError("quantized bases need qwix: pip install 'jaxlora[quantized]' (or pip install qwix)") from None
+
+
+def is_quantized(x: Any) -> bool:
+    """True for a quantized kernel (a `qwix.QArray`); never imports qwix (nothing is quantized before it is)."""
+    qwix = sys.modules.get("qwix")
+    return qwix is not None and isinstance(x, qwix.QArray)
+
+
+register_leaf_test(is_quantized)
+
+
+def dequantize(x: Any) -> Any:
+    """The float array a quantized kernel stands for (in its scales' dtype); any other leaf is returned as is."""
+    return _qwix().dequantize(x) if is_quantized(x) else x
+
+
+def quantize_array(weight: jax.Array, kind: Kind = "nf4", block_size: int = DEFAULT_BLOCK_SIZE, path: str = "W"):
+    """One (in, out) kernel as a `qwix.QArray`: NF4 in blocks of `block_size` along `in`, or int8 per column.
+
+    Raises:
+      ValueError: for an unknown kind, a kernel that is not 2-D, or a block size that does not divide `in`.
+    """
+    qwix = _qwix()
+    if kind not in KINDS:
+        raise ValueError(f"quantization kind must be one of {KINDS}, got {kind!r}")
+    shape = tuple(np.shape(weight))
+    if len(shape) != 2:
+        raise ValueError(
+            f"cannot quantize {path!r} of shape {shape}: quantized bases are served for 2-D kernels (nn.Dense); "
+            "leave it out with quantize(..., targets=...) or adapt only Dense kernels"
+        )
+    if kind == "int8":
+        return qwix.quantize(weight, jnp.int8, channelwise_axes=(1,))
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if shape[0] % block_size:
+        divisors = [d for d in (128, 64, 32, 16, 8) if shape[0] % d == 0]
+        raise ValueError(
+            f"cannot quantize {path!r} of shape {shape} to NF4 in blocks of {block_size}: the blocks run along "
+            f"its {shape[0]} input features, which {block_size} does not divide; pass block_size="
+            f"{divisors[0] if divisors else 'a divisor of ' + str(shape[0])} or leave the leaf out"
+        )
+    return qwix.quantize(weight, "nf4", channelwise_axes=(1,), tiled_axes={0: block_size})
+
+
+def quantize(
+    params: PyTree,
+    plan: Plan | LoraConfig,
+    *,
+    kind: Kind = "nf4",
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    frozen_dense: bool = False,
+) -> PyTree:
+    """The params with every adapted kernel quantized (a pure transform: apply it once and keep the tree).
+
+    Args:
+      params: the float base params the plan was built for.
+      plan: from `jaxlora.plan(params, config)`; the same plan keeps working with the quantized tree.
+      kind: "nf4" (QLoRA's 4-bit NormalFloat, block-wise absmax) or "int8" (per output channel).
+      block_size: NF4's block length along the input features (QLoRA: 64).
+      frozen_dense: also quantize 2-D `kernel` leaves without adapter (frozen nn.Dense layers), except
+        modules_to_save.
+
+    Returns:
+      A tree of the same structure with `qwix.QArray` leaves in place of those kernels.
+
+    Raises:
+      ValueError: naming the leaf, for kernels that are not 2-D or whose input size the block does not divide.
+      ImportError: without qwix.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxlora
+      >>> params = {"dense": {"kernel": jax.random.normal(jax.random.key(0), (128, 8))}}
+      >>> plan = jaxlora.plan(params, jaxlora.LoraConfig(rank=2))
+      >>> quantized = jaxlora.quantization.quantize(params, plan, kind="nf4")
+      >>> jaxlora.quantization.is_quantized(quantized["dense"]["kernel"]), quantized["dense"]["kernel"].shape
+      (True, (128, 8))
+    """
+    resolved = resolve(params, plan)
+    saved = set(resolved.saved)
+
+    def convert(path: str, leaf: Any) -> Any:
+        if is_quantized(leaf):
+            return leaf
+        chosen = path in resolved.leaves or (
+            frozen_dense and path.rpartition("/")[2] == "kernel" and np.ndim(leaf) == 2 and path not in saved
+        )
+        return quantize_array(leaf, kind, block_size, path) if chosen else leaf
+
+    return map_with_paths(convert, params)
+
+
+def dequantize_params(params: PyTree) -> PyTree:
+    """The float tree again: every quantized kernel dequantized (to its scales' dtype)."""
+    return map_with_paths(lambda _, leaf: dequantize(leaf), params)
+
+
+def requantize(params: PyTree, like: PyTree) -> tuple[PyTree, dict[str, float]]:
+    """Quantizes the leaves of a float tree (e.g. merged) that are quantized in `like`, with the same format.
+
+    Returns:
+      The quantized tree and `{path: relative error ‖W - Q(W)‖ / ‖W‖}` for each quantized leaf.
+    """
+    formats = {path: _format(leaf) for path, leaf in leaves_with_paths(like) if is_quantized(leaf)}
+    errors: dict[str, float] = {}
+
+    def convert(path: str, leaf: Any) -> Any:
+        if path not in formats:
+            return leaf
+        kind, block = formats[path]
+        quantized = quantize_array(dequantize(leaf), kind, block, path)
+        errors[path] = relative_error(dequantize(leaf), quantized)
+        return quantized
+
+    return map_with_paths(convert, params), errors
+
+
+def _format(leaf: Any) -> tuple[str, int]:
+    if leaf.qtype == "nf4":
+        return "nf4", leaf.shape[0] // leaf.scale.shape[0]
+    return "int8", leaf.shape[0]
+
+
+def relative_error(weight: jax.Array, quantized: Any) -> float:
+    """‖W - dequantize(Q)‖_F / ‖W‖_F."""
+    weight = jnp.asarray(weight, jnp.float32)
+    diff = weight - dequantize(quantized).astype(jnp.float32)
+    return float(jnp.linalg.norm(diff) / jnp.maximum(jnp.linalg.norm(weight), 1e-30))
+
+
+def nbytes(leaf: Any) -> int:
+    """Bytes a leaf occupies in memory: quantized codes at their bit width (uint4 packed two to a byte)."""
+    if is_quantized(leaf):
+        return sum(nbytes(x) for x in jax.tree.leaves(leaf))
+    bits = jnp.dtype(leaf.dtype).itemsize * 8 if jnp.dtype(leaf.dtype).name not in ("uint4", "int4") else 4
+    return math.ceil(int(np.prod(np.shape(leaf))) * bits / 8)
+
+
+def report(params: PyTree, quantized: PyTree) -> str:
+    """A table per quantized leaf: format, float32 bytes, quantized bytes, and W's relative quantization error."""
+    floats = dict(leaves_with_paths(params))
+    rows = [("leaf", "format", "float32 bytes", "quantized bytes", "rel. error ‖W-Q(W)‖/‖W‖")]
+    total_float = total_quantized = 0
+    for path, leaf in leaves_with_paths(quantized):
+        if not is_quantized(leaf):
+            continue
+        kind, block = _format(leaf)
+        float_bytes = 4 * int(np.prod(leaf.shape))
+        total_float += float_bytes
+        total_quantized += nbytes(leaf)
+        label = f"nf4/{block}" if kind == "nf4" else "int8/channel"
+        rows.append((path, label, f"{float_bytes:,}", f"{nbytes(leaf):,}", f"{relative_error(floats[path], leaf):.4f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    if total_float:
+        lines.append(f"\nquantized kernels: {total_quantized:,} bytes, {total_quantized / total_float:.3f}x float32")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The factored dense layer over a quantized kernel
+
+
+def _decoded(q: Any, anchor: jax.Array, dtype: Any) -> jax.Array:
+    """`qwix.dequantize(q)` computed so that it depends on `anchor` (through a zero that XLA cannot prove is 0).
+
+    The float kernel then can be computed neither before `anchor` exists nor once for both passes: otherwise XLA
+    (whose CPU pipeline drops optimisation barriers) hoists every layer's code-book lookup to the start of the
+    step, shares it between the forward and the backward pass, and holds all the float kernels at once.
+    """
+    zero = jnp.nan_to_num(anchor.reshape(-1)[0].astype(jnp.float32) * 0.0, nan=0.0, posinf=0.0, neginf=0.0)
+    if q.zero_point is not None:
+        raise ValueError("jaxlora serves symmetric (absmax) quantized kernels only; this one has a zero point")
+    if q.qtype == "nf4":
+        table = _qwix()._src.core.numerics.get_nf4_buckets().astype(jnp.float32) + zero
+        values = table.at[q.qvalue.astype(jnp.int32)].get(mode="promise_in_bounds")  # uint4 codes: 0..15
+    else:
+        values = q.qvalue.astype(jnp.float32) + zero
+    scale = q.scale.astype(jnp.float32)
+    tiles = tuple(n // m for n, m in zip(values.shape, scale.shape, strict=True))
+    for axis, tile in enumerate(tiles):
+        if tile > 1 and scale.shape[axis] > 1:
+            scale = jnp.repeat(scale, tile, axis=axis)
+    return (values * scale).astype(dtype)
+
+
+def _forward(x, x_lora, q, bias, a, b, scale):
+    w = _decoded(q, x, x.dtype)  # dequantized when x arrives, freed after the product
+    y = _matmul(x, w)
+    if bias is not None:
+        y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+    if a is None:
+        return y, None
+    xa = _matmul(x_lora, a)
+    return y + (scale * _matmul(xa, b)).astype(y.dtype), xa
+
+
+def _zero_cotangent(x: jax.Array) -> Any:
+    if jnp.issubdtype(x.dtype, jnp.floating):
+        return jnp.zeros_like(x)
+    return np.zeros(x.shape, dtype=jax.dtypes.float0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def quantized_linear(x, x_lora, q, bias, a, b, scale: float):
+    """`x Q + bias + scale·(x_lora A) B` with Q a quantized kernel, dequantized inside both passes.
+
+    The kernel is frozen (its cotangent is zero); the backward pass dequantizes it again behind an optimisation
+    barrier, so XLA cannot keep the forward pass's float copy alive until then. `a`, `b` and `bias` may be None.
+    """
+    return _forward(x, x_lora, q, bias, a, b, scale)[0]
+
+
+def _fwd(x, x_lora, q, bias, a, b, scale):
+    y, xa = _forward(x, x_lora, q, bias, a, b, scale)
+    return y, (x_lora, q, bias, a, b, xa)
+
+
+def _bwd(scale, residuals, g):
+    x_lora, q, bias, a, b, xa = residuals
+    g = lax.optimization_barrier(g)
+    w = _decoded(q, g, g.dtype)  # dequantized again when the cotangent arrives
+    dx = _matmul_t(g, w)  # x has the output dtype (promote_dtype)
+    dbias = None if bias is None else jnp.sum(g, axis=tuple(range(g.ndim - 1))).astype(bias.dtype)
+    dq = jax.tree.map(_zero_cotangent, q)
+    if a is None:
+        return dx, None if x_lora is None else jnp.zeros_like(x_lora), dq, dbias, None, None
+    gs = (scale * g).astype(b.dtype)
+    gb = _matmul_t(gs, b)
+    dxl = _matmul_t(gb, a).astype(x_lora.dtype)
+    da = _outer(x_lora.astype(a.dtype), gb)
+    db = _outer(xa, gs)
+    return dx, dxl, dq, dbias, da, db
+
+
+quantized_linear.defvjp(_fwd, _bwd)
+
+
+def check_mergeable(pairs: Mapping[str, Mapping[str, Any]], params: PyTree) -> None:
+    """Refuses DoRA adapters on quantized kernels (merging, and serving, are not supported for them)."""
+    for path, leaf in leaves_with_paths(params):
+        if path in pairs and is_quantized(leaf) and "magnitude" in pairs[path]:
+            raise ValueError(
+                f"cannot merge the DoRA adapter of {path!r} into a quantized kernel: DoRA on a quantized base is "
+                "not supported yet; dequantize first (jaxlora.quantization.dequantize_params(params)), merge, "
+                "and re-quantize with jaxlora.quantization.requantize(merged, like=quantized_params) if needed"
+            )

@@ -1,0 +1,31 @@
+"""A quantized frozen base (QLoRA): NF4 / int8 kernels as a pure pytree transform, LoRA trained on top."""
+
+from jaxlora._src.quantization import (
+    DEFAULT_BLOCK_SIZE,
+    KINDS,
+    dequantize,
+    dequantize_params,
+    is_quantized,
+    nbytes,
+    quantize,
+    quantize_array,
+    quantized_linear,
+    relative_error,
+    report,
+    requantize,
+)
+
+__all__ = [
+    "DEFAULT_BLOCK_SIZE",
+    "KINDS",
+    "dequantize",
+    "dequantize_params",
+    "is_quantized",
+    "nbytes",
+    "quantize",
+    "quantize_array",
+    "quantized_linear",
+    "relative_error",
+    "report",
+    "requantize",
+]
