@@ -196,3 +196,32 @@ def test_training_the_unrolled_model_changes_only_adapters(tiny_llama):
     new_state, _ = jaxlora.combine(trainable, frozen)
     q_kernel = lambda s: s["layers"][0]["self_attn"]["q_proj"]["kernel"][...]
     np.testing.assert_array_equal(q_kernel(new_state), q_kernel(state))
+
+
+def test_scanned_llama_lora_is_served_per_layer_and_exchanged_with_peft(tmp_path, tiny_llama, caplog):
+    """The scanned layout: one adapter per stacked layer, served factored inside nnx.scan, per-layer PEFT keys."""
+    directory, unrolled = tiny_llama
+    model = llama.load_hf_weights(directory, scan_layers=True)
+    params = nnx.state(model, nnx.Param)
+    config = jaxlora.LoraConfig(
+        rank=4, alpha=8.0, targets=(llama.PEFT_TARGETS_SCANNED,), stacked_axes=llama.STACKED_AXES
+    )
+    plan = jaxlora.plan(params, config)
+    _, adapters = jaxlora.init(jax.random.key(1), params, plan)
+    assert adapters["layers"]["self_attn"]["q_proj"]["kernel"]["lora_a"].shape[0] == model.config.num_hidden_layers
+    ids = jnp.asarray(_tokens())
+    np.testing.assert_array_equal(jaxlora.apply_nnx(model, adapters, plan, ids), model(ids))  # B = 0
+    leaves, tree = jax.tree.flatten(adapters)
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    adapters = jax.tree.unflatten(tree, [x + 0.2 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+    got = jaxlora.apply_nnx_fn(plan, strict=True)(model, adapters, ids)  # strict: nothing merged on the side
+
+    name_map = llama.peft_name_map(model.config, scan_layers=True)
+    save_peft(tmp_path / "adapter", params, adapters, plan, name_map=name_map, task_type="CAUSAL_LM")
+    peft_model = _load_without_peft_warnings(_torch_base(directory), tmp_path / "adapter", caplog)
+    with torch.no_grad():
+        want = peft_model(input_ids=torch.tensor(_tokens())).logits.numpy()
+    np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+    _, again, again_plan = load_peft(tmp_path / "adapter", params, name_map=name_map)
+    assert again_plan.leaves["layers/mlp/down_proj/kernel"].stacked_axes == 1
+    np.testing.assert_allclose(jaxlora.apply_nnx(model, again, again_plan, ids), want, atol=ATOL, rtol=0)

@@ -3,6 +3,8 @@ base bit-for-bit unchanged. References are plain jnp formulas differentiated by 
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -248,3 +250,28 @@ def test_an_unservable_nnx_layer_is_merged_with_a_warning_or_refused_when_strict
         np.testing.assert_allclose(jaxlora.apply_nnx_fn(plan, strict=True)(model, adapters, x), out, atol=1e-5)
     finally:
         jaxlora.unregister_layer(Custom)
+
+
+@nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+def _module_level_body(h, block):  # one function object for every call: nnx.scan may reuse its trace
+    return block(h)
+
+
+class ReusedScan(ScannedMLP):
+    def __call__(self, x):
+        return self.head(_module_level_body(x, self.layers))
+
+
+def test_a_reused_scan_trace_serves_each_call_with_its_own_adapters_and_scale():
+    model = ReusedScan(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (4, WIDTH))
+    params = nnx.state(model, nnx.Param)
+    pure = _values(params)
+    first = jaxlora.plan(params, SCAN_CONFIG)
+    _, adapters = jaxlora.init(jax.random.key(2), params, first)
+    adapters = _randomize(adapters)
+    for alpha, seed in ((4.0, 0), (12.0, 1), (12.0, 2)):  # the same shapes each time: a trace may be reused
+        plan = jaxlora.plan(params, dataclasses.replace(SCAN_CONFIG, alpha=alpha))
+        these = _randomize(adapters, seed=seed)
+        out = jaxlora.apply_nnx_fn(plan, strict=True)(model, these, x)
+        np.testing.assert_allclose(out, _scanned_reference(pure, these, x, alpha / 2), rtol=1e-5, atol=1e-5)

@@ -37,7 +37,7 @@ class Adapter:
 
     def drop(self, x: jax.Array) -> jax.Array:
         """`x` with LoRA dropout applied (inverted dropout), or `x` itself when no rng was given."""
-        if self.rng is None or self.dropout == 0.0:
+        if self.rng is None or (isinstance(self.dropout, float) and self.dropout == 0.0):
             return x
         keep = jax.random.bernoulli(self.rng, 1.0 - self.dropout, x.shape)
         return jnp.where(keep, x / (1.0 - self.dropout), jnp.zeros((), x.dtype))

@@ -10,19 +10,21 @@ whose methods route through that kind. Unstacked adapters are looked up by the l
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import functools
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from jaxlora._src.config import LoraConfig
 from jaxlora._src.interception import _dropout_rng, _leaf_rng
 from jaxlora._src.layer_kinds import Adapter, LayerCall, LayerKind, kind_of
 from jaxlora._src.merging import add_deltas, masked_b
-from jaxlora._src.planning import LeafPlan, Plan, resolve
+from jaxlora._src.planning import Plan, resolve
 
 
 class LoraVariable(nnx.Param):
@@ -30,14 +32,15 @@ class LoraVariable(nnx.Param):
 
 
 class _Call:
-    """What the served layers of one `apply_nnx` call share: unstacked adapters by layer, and the paths served."""
+    """What the served layers of one `apply_nnx` call share: unstacked adapters by layer, and the paths served.
 
-    def __init__(self, adapters: Mapping[int, Adapter], stacked: Mapping[int, LeafPlan], dropout: float):
+    Stacked adapters count as served once attached to a layer whose kind fits them (their slices are served inside
+    nnx.scan, whose trace may be reused from an earlier call, so they cannot report themselves).
+    """
+
+    def __init__(self, adapters: Mapping[int, Adapter], stacked_paths: set[str]):
         self.adapters = adapters
-        self.stacked = stacked  # keyed by id of the stacked layer in the copy; its slices are new objects
-        self.stacked_by_path = {leaf.path: leaf for leaf in stacked.values()}
-        self.dropout = dropout
-        self.served: set[str] = set()
+        self.served: set[str] = set(stacked_paths)
 
 
 _current: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("jaxlora_nnx_call", default=None)
@@ -48,18 +51,24 @@ def _param_shape(module: Any, kind: LayerKind) -> tuple[int, ...]:
 
 
 def _attached(module: Any, kind: LayerKind) -> Adapter | None:
-    """The stacked adapter slice attached to `module` (a layer inside nnx.scan), if it is one layer's slice."""
-    call = _current.get()
-    leaf = None if call is None else call.stacked_by_path.get(getattr(module, "jaxlora_path", None))
+    """The stacked adapter slice attached to `module` (a layer inside nnx.scan), if it is one layer's slice.
+
+    Everything that may change from call to call (A, s·B, dropout keys and rate) comes from the layer's state, and
+    the leaf plan kept on the layer has scale 1: transforms such as nnx.scan may reuse a trace made in an earlier
+    call, and that trace must not hold an earlier call's values.
+    """
+    leaf = getattr(module, "jaxlora_leaf", None)
     if leaf is None:
         return None
     a, b = getattr(module, f"{kind.param}_lora_a")[...], getattr(module, f"{kind.param}_lora_b")[...]
     k = leaf.stacked_axes
     if a.shape != leaf.a_shape[k:] or b.shape != leaf.b_shape[k:] or _param_shape(module, kind) != leaf.layer_shape:
-        return None  # the whole stack, not one layer of it: left to the merge fallback
+        return None  # the whole stack, not one layer of it: left to the layer itself
     rng_data = getattr(module, f"{kind.param}_lora_rng", None)
-    rng = None if rng_data is None else jax.random.wrap_key_data(rng_data[...])
-    return Adapter(a, b, leaf, call.dropout, rng)
+    if rng_data is None:
+        return Adapter(a, b, leaf)
+    rate = getattr(module, f"{kind.param}_lora_dropout")[...]
+    return Adapter(a, b, leaf, rate, jax.random.wrap_key_data(rng_data[...]))
 
 
 def _serve(module: Any, method: str, original: Callable, args: tuple, kwargs: dict) -> Any:
@@ -110,7 +119,7 @@ def _submodule(root: Any, module_path: str) -> Any:
 
 def _attach(copy: Any, flat: Mapping, plan: Plan, dropout_rng: jax.Array | None) -> _Call:
     """Switches the adapted layers of `copy` to their served types and gives them their adapters."""
-    adapters, stacked = {}, {}
+    adapters, stacked = {}, set()
     for path, pair in flat.items():
         leaf = plan.leaves[path]
         module_path, _, param = path.rpartition("/")
@@ -123,13 +132,18 @@ def _attach(copy: Any, flat: Mapping, plan: Plan, dropout_rng: jax.Array | None)
         if not leaf.stacked_axes:
             adapters[id(layer)] = Adapter(pair["lora_a"], pair["lora_b"], leaf, plan.config.dropout, rng)
             continue
-        stacked[id(layer)] = leaf
-        layer.jaxlora_path = path
+        fits = kind.contraction is None or kind.contraction(layer) == leaf.fan_in_ndim
+        if not fits or _param_shape(layer, kind) != leaf.shape:
+            continue  # the merge fallback takes it
+        stacked.add(path)
+        layer.jaxlora_leaf = dataclasses.replace(leaf, scale=1.0, alpha=1.0, layers=None)  # static: no values
         setattr(layer, f"{param}_lora_a", LoraVariable(pair["lora_a"]))
-        setattr(layer, f"{param}_lora_b", LoraVariable(masked_b(pair["lora_b"], leaf)))
+        setattr(layer, f"{param}_lora_b", LoraVariable(leaf.scale * masked_b(pair["lora_b"], leaf)))
         if rng is not None:
             setattr(layer, f"{param}_lora_rng", LoraVariable(jax.random.key_data(rng)))
-    return _Call(adapters, stacked, plan.config.dropout)
+            rate = jnp.full(leaf.stack_shape, plan.config.dropout, jnp.float32)
+            setattr(layer, f"{param}_lora_dropout", LoraVariable(rate))
+    return _Call(adapters, stacked)
 
 
 def apply_nnx_fn(plan: Plan | LoraConfig, *, strict: bool = False) -> Callable[..., Any]:

@@ -13,10 +13,18 @@ from jaxlora.models.llama.generation import filter_logits, generate
 from jaxlora.models.llama.hf_checkpoint import config_from_hf, load_hf_weights, save_hf_weights
 from jaxlora.models.llama.layout import convert_layout, stack_layers, unstack_layers
 from jaxlora.models.llama.model import KVCache, Llama, init_cache
-from jaxlora.models.llama.names import PEFT_TARGETS, hf_param_name, peft_name_map
+from jaxlora.models.llama.names import (
+    PEFT_TARGETS,
+    PEFT_TARGETS_SCANNED,
+    STACKED_AXES,
+    hf_param_name,
+    peft_name_map,
+)
 
 __all__ = [
     "PEFT_TARGETS",
+    "PEFT_TARGETS_SCANNED",
+    "STACKED_AXES",
     "KVCache",
     "Llama",
     "LlamaConfig",

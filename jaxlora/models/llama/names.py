@@ -21,11 +21,16 @@ LAYER_MODULES: tuple[tuple[str, str], ...] = (
 )
 # PEFT's usual LoRA targets for Llama-family models, as our kernel paths (any layer, unrolled layout).
 PEFT_TARGETS = r"layers/\d+/(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)/kernel"
+# The same targets in the scanned layout, whose kernels stack the layers: use with `STACKED_AXES`.
+PEFT_TARGETS_SCANNED = r"layers/(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)/kernel"
+# `LoraConfig(stacked_axes=STACKED_AXES)` for the scanned layout: one adapter per layer, served inside nnx.scan.
+STACKED_AXES = {r"layers/.*": 1}
 _TORCH_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
 
 
-def peft_name_map(config: LlamaConfig) -> tuple[ModuleName, ...]:
-    """Rows of a `jaxlora.name_maps` table for the **unrolled** layout (``layers/{i}/...``).
+def peft_name_map(config: LlamaConfig, scan_layers: bool = False) -> tuple[ModuleName, ...]:
+    """Rows of a `jaxlora.name_maps` table for the unrolled layout (``layers/{i}/...``) or, with `scan_layers`,
+    the scanned one (``layers/...``, one torch module per stacked layer through a ``{layer}`` template).
 
     Use it with ``jaxlora.peft_format.save_peft`` / ``load_peft``. With a tied head, ``embed_tokens`` is a
     ``tied_embedding`` (jaxlora refuses to export a LoRA on it, since PEFT would adapt only the lookup).
@@ -38,7 +43,11 @@ def peft_name_map(config: LlamaConfig) -> tuple[ModuleName, ...]:
     embedding = "tied_embedding" if config.tie_word_embeddings else "embedding"
     rows = [ModuleName(r"embed_tokens", "model.embed_tokens", embedding)]
     for module, layout in LAYER_MODULES:
-        rows.append(ModuleName(rf"layers/(\d+)/{module}", rf"model.layers.\1.{module.replace('/', '.')}", layout))
+        torch_name = module.replace("/", ".")
+        if scan_layers:
+            rows.append(ModuleName(rf"layers/{module}", f"model.layers.{{layer}}.{torch_name}", layout))
+        else:
+            rows.append(ModuleName(rf"layers/(\d+)/{module}", rf"model.layers.\1.{torch_name}", layout))
     rows.append(ModuleName(r"norm", "model.norm", "layernorm"))
     if not config.tie_word_embeddings:
         rows.append(ModuleName(r"lm_head", "lm_head", "linear"))
