@@ -8,13 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import require_module
 from safetensors.numpy import save_file
 
 from jaxlora.models import gpt2 as gpt2_lib
 from jaxlora.models.gpt2 import GPT2, GPT2Classifier, GPT2Config, generate_greedy, load_hf_weights
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = require_module("torch")
+transformers = require_module("transformers")
 
 VOCAB = 97
 
@@ -253,7 +254,9 @@ def test_offline_hub_id_says_offline_and_how_to_give_weights(monkeypatch, tmp_pa
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match=r"offline or unreachable.*Give the path of a GPT-2 model\.safetensors file"):
+    with pytest.raises(
+        FileNotFoundError, match=r"offline or unreachable.*Give the path of a GPT-2 model\.safetensors file"
+    ):
         load_hf_weights("openai-community/gpt2")
 
 

@@ -14,15 +14,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import require_module
 from models import MLP, Zoo
 
 import jaxlora
 from jaxlora import name_maps
 from jaxlora.peft_format import load_peft, save_peft
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+torch = require_module("torch")
+transformers = require_module("transformers")
+peft = require_module("peft")
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from jaxlora.models import gpt2 as gpt2_lib  # noqa: E402

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from conftest import skip_unless_ci
 from models import MLP, apply_in_mode, apply_merged
 
 import jaxlora
@@ -55,8 +56,8 @@ def test_factored_step_never_computes_a_kernel_sized_array_but_the_merged_one_do
 def test_factored_step_needs_less_scratch_memory_than_one_frozen_kernel():
     step, args = _setup("factored")
     stats = jax.jit(step).lower(*args).compile().memory_analysis()
-    if stats is None:  # some backends do not report
-        return
+    if stats is None:
+        skip_unless_ci("this backend reports no memory analysis")
     largest_kernel_bytes = 1000 * 2000 * 4
     assert stats.temp_size_in_bytes < largest_kernel_bytes / 4, stats
 
@@ -123,21 +124,22 @@ def test_merging_inside_a_differentiated_step_needs_a_few_kernels_of_scratch_not
     model = MLP((512, 512))
     x = jax.random.normal(jax.random.key(0), (8, 512))
     params = model.init(jax.random.key(1), x)["params"]
-    config = jaxlora.LoraConfig(rank=16, alpha=16.0, targets=("linear1/kernel",))
+    config = jaxlora.LoraConfig(rank=16, alpha=8.0, targets=("linear1/kernel",))  # scale 0.5
     _, adapters = jaxlora.init(jax.random.key(2), params, config)
+    pair = adapters["linear1"]["kernel"]
+    pair["lora_b"] = 0.1 * jax.random.normal(jax.random.key(3), pair["lora_b"].shape)  # B != 0
 
     def loss(adapters, params):
         return jnp.sum(apply_merged(model, params, adapters, config, x) ** 2)
 
-    grads = jax.grad(loss)(adapters, params)
-    pair = adapters["linear1"]["kernel"]
-    g = jax.grad(
-        lambda w: loss(
-            jax.tree.map(jnp.zeros_like, adapters), {**params, "linear1": {**params["linear1"], "kernel": w}}
-        )
-    )(params["linear1"]["kernel"] + pair["lora_a"] @ pair["lora_b"])
-    np.testing.assert_allclose(grads["linear1"]["kernel"]["lora_b"], pair["lora_a"].T @ g, rtol=1e-4, atol=1e-4)
+    def reference(a, b):  # plain jnp, differentiated by jax.grad
+        h = jax.nn.relu(x @ (params["linear1"]["kernel"] + 0.5 * a @ b) + params["linear1"]["bias"])
+        return jnp.sum((h @ params["linear2"]["kernel"] + params["linear2"]["bias"]) ** 2)
+
+    grads = jax.grad(loss)(adapters, params)["linear1"]["kernel"]
+    want_a, want_b = jax.grad(reference, argnums=(0, 1))(pair["lora_a"], pair["lora_b"])
+    np.testing.assert_allclose(grads["lora_a"], want_a, rtol=1e-4, atol=1e-4 * float(jnp.abs(want_a).max()))
+    np.testing.assert_allclose(grads["lora_b"], want_b, rtol=1e-4, atol=1e-4 * float(jnp.abs(want_b).max()))
     stats = jax.jit(jax.grad(loss)).lower(adapters, params).compile().memory_analysis()
-    if stats is None:  # some backends do not report
-        return
+    assert stats is not None, "this backend reports no memory analysis: the scratch bound cannot be checked"
     assert stats.temp_size_in_bytes < 4 * 512 * 512 * 4, stats
