@@ -106,6 +106,34 @@ def test_frozen_leaves_keep_their_bits_after_training_including_negative_zeros()
     assert adapters_after["linear1"]["kernel"]["lora_b"].any()
 
 
+def test_optimizer_over_the_whole_tree_keeps_frozen_bits_including_negative_zeros():
+    # jaxlora.optimizer's docstring allows a whole {"params", "lora"} tree, not only the trainable half
+    model = MLP((8, 4))
+    x = jax.random.normal(jax.random.key(0), (5, 3))
+    params = model.init(jax.random.key(1), x)["params"]
+    params["linear1"]["bias"] = params["linear1"]["bias"].at[:4].set(-0.0)
+    params["linear1"]["kernel"] = params["linear1"]["kernel"].at[0].set(-0.0)
+    config = jaxlora.LoraConfig(rank=1, modules_to_save=("linear2/bias",))
+    _, adapters = jaxlora.init(jax.random.key(2), params, config)
+    tree = {"params": params, "lora": adapters}
+    before = jax.tree.map(np.array, tree)
+    tx = jaxlora.optimizer(optax.adam(1e-2), config)
+    opt_state = tx.init(tree)
+
+    def loss_fn(tree):
+        return jnp.sum(jaxlora.apply(model, {"params": tree["params"]}, tree["lora"], config, x) ** 2)
+
+    for _ in range(3):
+        updates, opt_state = tx.update(jax.grad(loss_fn)(tree), opt_state, tree)
+        tree = optax.apply_updates(tree, updates)
+    for layer, leaf in (("linear1", "kernel"), ("linear1", "bias"), ("linear2", "kernel")):
+        np.testing.assert_array_equal(
+            np.asarray(tree["params"][layer][leaf]).view(np.uint32), before["params"][layer][leaf].view(np.uint32)
+        )
+    assert not np.array_equal(tree["params"]["linear2"]["bias"], before["params"]["linear2"]["bias"])  # trains
+    assert tree["lora"]["linear1"]["kernel"]["lora_b"].any()
+
+
 def test_labels_cover_every_leaf_and_agree_with_partition():
     model = MLP((8, 4))
     params = model.init(jax.random.key(0), jnp.ones((1, 3)))["params"]
