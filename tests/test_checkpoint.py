@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -374,6 +375,83 @@ def test_killed_training_save_keeps_the_previous_step(tmp_path):
     np.testing.assert_array_equal(np.asarray(state.adapters["linear2"]["kernel"]["lora_b"]), 1.0)
     manager.close()
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["1"]  # temporaries removed
+
+
+_SAVE_FOREVER = """
+import sys, jax, jax.numpy as jnp
+import jaxlora
+from jaxlora import checkpoint
+from models import MLP
+model = MLP((64,) * 12 + (2,))  # 13 layers: many files per step, so pruning one takes a while
+base = model.init(jax.random.key(0), jnp.zeros((1, 8)))["params"]
+targets = (r"linear\\d/kernel", r"linear1[012]/kernel")
+config = jaxlora.LoraConfig(rank=2, targets=targets, modules_to_save=(r"linear13/.*",))
+_, adapters = jaxlora.init(jax.random.key(1), base, config)
+manager = checkpoint.checkpoint_manager(sys.argv[1], max_to_keep=2)  # every save prunes the oldest step
+start = (manager.latest_step() or 0) + 1
+print("ready", flush=True)
+for step in range(start, start + 100_000):
+    marked = jax.tree.map(lambda x: jnp.full_like(x, step), adapters)
+    checkpoint.save_training(manager, step, base, marked, {"count": jnp.int32(step)}, config)
+"""
+
+RANDOM_KILLS = 10
+
+
+def test_every_listed_step_restores_after_kills_at_random_moments_of_saving_and_pruning(tmp_path):
+    """SIGKILL a run that saves (async) and prunes (max_to_keep=2) without pause, at random moments, 10 times.
+
+    Before pruning became a rename, about one kill in four left a half-deleted step that all_steps() listed and
+    restore failed on (orbax KeyError 'Item "meta" was not found', or TensorStore NOT_FOUND).
+    """
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": f"{REPO}{os.pathsep}{TESTS}"}
+    model = MLP((64,) * 12 + (2,))
+    base = model.init(jax.random.key(0), jnp.zeros((1, 8)))["params"]
+    rng = np.random.default_rng(int(time.time()))
+    seen_steps = 0
+    for kill in range(RANDOM_KILLS):
+        child = subprocess.Popen(
+            [sys.executable, "-c", _SAVE_FOREVER, str(tmp_path / "run")],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert child.stdout.readline().strip() == "ready", child.stderr.read()[-3000:]
+            delay = float(rng.uniform(0.1, 1.5))
+            time.sleep(delay)
+            os.kill(child.pid, signal.SIGKILL)
+            child.wait(timeout=60)
+        finally:
+            if child.poll() is None:
+                child.kill()
+        manager = checkpoint.checkpoint_manager(tmp_path / "run", max_to_keep=2)
+        steps = manager.all_steps()
+        for step in steps:
+            state = checkpoint.restore_training(manager, base, {"count": jnp.int32(0)}, step=step)
+            assert int(state.opt_state["count"]) == step, (kill, delay, step)
+            np.testing.assert_array_equal(np.asarray(state.adapters["linear1"]["kernel"]["lora_a"]), step)
+        manager.close()
+        seen_steps = max([seen_steps, *steps])
+        assert not (tmp_path / "run" / ".jaxlora-pruned").exists()  # pruned leftovers are removed at start
+    assert seen_steps >= 3, "the kills all came before any step was pruned; the test proved nothing"
+
+
+def test_a_damaged_step_names_the_step_and_what_is_missing(tmp_path):
+    _, base, trained, adapters = _setup()
+    manager = checkpoint.checkpoint_manager(tmp_path / "run", async_save=False)
+    for step in (1, 2):
+        checkpoint.save_training(manager, step, trained, adapters, {"count": jnp.int32(step)}, CONFIG)
+    shutil.rmtree(tmp_path / "run" / "2" / "meta")  # as a deletion cut short by a kill (older jaxlora) leaves it
+    with pytest.raises(ValueError, match=r"step 2 cannot be restored: items \['meta'\] are missing in .*\[1\]"):
+        checkpoint.restore_training(manager, base, {"count": jnp.int32(0)}, step=2)
+    for path in (tmp_path / "run" / "1" / "opt_state").rglob("*"):
+        if path.is_file() and path.name != "_METADATA":
+            path.unlink()
+    with pytest.raises(ValueError, match=r"step 1 cannot be restored: an item's files are incomplete"):
+        checkpoint.restore_training(manager, base, {"count": jnp.int32(0)}, step=1)
+    manager.close()
 
 
 # ----------------------------------------------------------------------------------------------------------------
