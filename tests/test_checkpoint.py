@@ -176,6 +176,76 @@ def test_extra_adapted_leaf_is_a_mismatch(tmp_path):
         checkpoint.load_adapter(tmp_path / "a", deeper)
 
 
+def _nudge(params, path: str, index, by: float = 1e-3):
+    """`params` with one element of the leaf at `path` moved by `by` (a copy)."""
+    layer, leaf = path.split("/")
+    return {**params, layer: {**params[layer], leaf: params[layer][leaf].at[index].add(by)}}
+
+
+def test_a_base_with_other_weights_of_the_same_shapes_is_refused_unless_asked(tmp_path):
+    _, base, trained, adapters = _setup()
+    checkpoint.save_adapter(tmp_path / "a", trained, adapters, CONFIG)
+    other = _nudge(base, "linear2/kernel", (1234, 56))  # one weight of 400,000 moved by 1e-3
+    message = (
+        f"adapter checkpoint {tmp_path / 'a'} was saved with other base weights: the values of 'linear2/kernel' "
+        "differ from the base it was trained on (1 of 2 adapted leaves differ"
+    )
+    with pytest.raises(ValueError, match=re.escape(message) + r".*check_content=False to load it anyway"):
+        checkpoint.load_adapter(tmp_path / "a", other)
+    params, restored, _ = checkpoint.load_adapter(tmp_path / "a", other, check_content=False)
+    _assert_trees_equal(restored, adapters)
+    _assert_trees_equal(params["linear2"], other["linear2"])
+    checkpoint.load_adapter(tmp_path / "a", base)  # the right base loads
+    # A trained modules_to_save leaf is stored, not fingerprinted: a different head in params is no mismatch.
+    checkpoint.load_adapter(tmp_path / "a", _nudge(base, "linear3/kernel", (0, 0)))
+
+
+def test_training_restore_checks_the_base_content_too(tmp_path):
+    _, base, trained, adapters = _setup()
+    manager = checkpoint.checkpoint_manager(tmp_path / "run", async_save=False)
+    checkpoint.save_training(manager, 1, trained, adapters, {"count": jnp.int32(1)}, CONFIG)
+    other = _nudge(base, "linear1/kernel", (0, 0), by=-1e-3)
+    with pytest.raises(ValueError, match=r"step 1 was saved with other base weights: the values of 'linear1/kernel'"):
+        checkpoint.restore_training(manager, other, {"count": jnp.int32(0)})
+    state = checkpoint.restore_training(manager, other, {"count": jnp.int32(0)}, check_content=False)
+    assert int(state.opt_state["count"]) == 1
+    manager.close()
+
+
+def test_checkpoints_without_content_checksums_still_load(tmp_path):
+    _, base, trained, adapters = _setup()
+    checkpoint.save_adapter(tmp_path / "a", trained, adapters, CONFIG)
+    _edit_meta(tmp_path / "a", lambda meta: meta["base"].pop("content"))  # as written before checksums existed
+    _, restored, _ = checkpoint.load_adapter(tmp_path / "a", _nudge(base, "linear2/kernel", (0, 0)))
+    _assert_trees_equal(restored, adapters)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_content_checksum_sees_any_single_changed_element_and_nothing_else(dtype):
+    from jaxlora._src.fingerprints import content_checksums
+
+    rng = np.random.default_rng(0)
+    kernel = jnp.asarray(rng.standard_normal((37, 29)) * 20, dtype)
+    params = {"layer": {"kernel": kernel, "bias": jnp.zeros(29, dtype)}}
+    plan = jaxlora.plan(params, jaxlora.LoraConfig(rank=2))
+    reference = content_checksums(params, plan)
+    assert list(reference) == ["layer/kernel"] and len(reference["layer/kernel"]) == 16
+    assert content_checksums(jax.tree.map(jnp.copy, params), plan) == reference  # values, not identity
+    assert content_checksums({"layer": {**params["layer"], "bias": params["layer"]["bias"] + 1}}, plan) == reference
+    flat = np.asarray(kernel).reshape(-1)
+    for index in rng.choice(flat.size, 40, replace=False):
+        changed = flat.copy()
+        bits = changed.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[changed.dtype.itemsize])
+        bits[index] ^= 1  # the smallest change there is: the last bit of one element
+        moved = {"layer": {**params["layer"], "kernel": jnp.asarray(changed.reshape(kernel.shape))}}
+        assert content_checksums(moved, plan) != reference, index
+    swapped = flat.copy()
+    swapped[[0, 1]] = swapped[[1, 0]]  # the same values in another order
+    if swapped[0] != swapped[1]:
+        moved = {"layer": {**params["layer"], "kernel": jnp.asarray(swapped.reshape(kernel.shape))}}
+        assert content_checksums(moved, plan) != reference
+
+
 def _edit_meta(path: Path, edit) -> None:
     meta_file = path / "meta" / "metadata"
     meta = json.loads(meta_file.read_text())

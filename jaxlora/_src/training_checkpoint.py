@@ -112,7 +112,12 @@ def save_training(
 
 
 def restore_training(
-    manager: ocp.CheckpointManager, params: PyTree, opt_state: PyTree, *, step: int | None = None
+    manager: ocp.CheckpointManager,
+    params: PyTree,
+    opt_state: PyTree,
+    *,
+    step: int | None = None,
+    check_content: bool = True,
 ) -> TrainingState | None:
     """The checkpoint at `step` (default: the latest), or None when the manager holds none.
 
@@ -121,6 +126,7 @@ def restore_training(
       params: the base model (checked against the checkpoint's fingerprint).
       opt_state: a template of the optimizer state (e.g. ``tx.init(trainable)`` or its ``jax.eval_shape``).
       step: which step (default: the latest).
+      check_content: also check the values of the adapted base leaves against the checkpoint's checksums.
 
     Returns:
       A `TrainingState(step, params, adapters, opt_state, plan)`, or None when there is no checkpoint.
@@ -138,7 +144,7 @@ def restore_training(
     restore = functools.partial(_restore_step, manager, step, source)
     meta, config = read_metadata(restore(ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"], source)
     resolved = make_plan(params, config)
-    check_fingerprint(meta["base"], resolved, source)
+    check_fingerprint(meta["base"], resolved, source, params if check_content else None)
     params, adapters, rest = restore_arrays(restore, meta, params, opt_state=opt_state)
     return TrainingState(step=int(step), params=params, adapters=adapters, opt_state=rest["opt_state"], plan=resolved)
 
