@@ -218,7 +218,7 @@ def load_adapter(
         except (FileNotFoundError, KeyError, ValueError) as err:
             raise ValueError(f"{directory} is not a jaxlora adapter checkpoint ({err})") from err
         meta, config = read_metadata(raw, str(directory))
-        resolved = make_plan(params, config)
+        resolved = make_plan(params, config, allow_excess_rank=True)  # as saved: never refuse
         check_fingerprint(meta["base"], resolved, f"adapter checkpoint {directory}", params if check_content else None)
         params, adapters, _ = restore_arrays(lambda args: ckpt.restore(directory, args), meta, params)
     return params, adapters, resolved

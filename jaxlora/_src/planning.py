@@ -189,12 +189,14 @@ def _unmatched(patterns: tuple[str, ...] | Mapping[str, Any], paths: list[str]) 
     return [p for p in patterns if not any(re.fullmatch(p, path) for path in paths)]
 
 
-def plan(params: PyTree, config: LoraConfig) -> Plan:
+def plan(params: PyTree, config: LoraConfig, *, allow_excess_rank: bool = False) -> Plan:
     """Resolves `config` against `params` (arrays or `jax.ShapeDtypeStruct`s); never allocates.
 
     Args:
       params: the base parameter tree (linen `params` dict, NNX state, or its `jax.eval_shape`).
       config: what to adapt.
+      allow_excess_rank: warn instead of refusing a rank above min(fan_in, fan_out) (which PEFT allows);
+        the loaders use it for adapters that exist already. Never with init="pissa".
 
     Returns:
       The `Plan`: hold it and pass it to the other jaxlora functions; `print(plan)` shows the table.
@@ -272,7 +274,9 @@ def plan(params: PyTree, config: LoraConfig) -> Plan:
             alpha=float(config.alpha_for(path)),
             scale=config.scale_for(path),
         )
-        if entry.rank > min(entry.fan_in, entry.fan_out):
+        if entry.rank > min(entry.fan_in, entry.fan_out) and allow_excess_rank and config.init != "pissa":
+            _warn_excess_rank(entry)
+        elif entry.rank > min(entry.fan_in, entry.fan_out):
             raise ValueError(
                 f"rank {entry.rank} for {path!r} exceeds min(fan_in, fan_out) = {min(entry.fan_in, entry.fan_out)} "
                 f"of W {shape}; a LoRA update cannot have a higher rank than W: lower `rank` or set `rank_pattern`"
@@ -285,6 +289,17 @@ def plan(params: PyTree, config: LoraConfig) -> Plan:
         shapes=FrozenMapping(shapes),
         dtypes=FrozenMapping(dtypes),
         treedef=jax.tree.structure(params),
+    )
+
+
+def _warn_excess_rank(leaf: LeafPlan) -> None:
+    import warnings
+
+    warnings.warn(
+        f"the adapter for {leaf.path!r} has rank {leaf.rank}, above min(fan_in, fan_out) = "
+        f"{min(leaf.fan_in, leaf.fan_out)} of W {leaf.shape}: its update s·A B has rank at most "
+        f"{min(leaf.fan_in, leaf.fan_out)}, so the extra rank only costs memory (it loads and merges correctly)",
+        stacklevel=3,
     )
 
 

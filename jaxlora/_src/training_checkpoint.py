@@ -143,7 +143,7 @@ def restore_training(
     source = f"training checkpoint {manager.directory} step {step}"
     restore = functools.partial(_restore_step, manager, step, source)
     meta, config = read_metadata(restore(ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"], source)
-    resolved = make_plan(params, config)
+    resolved = make_plan(params, config, allow_excess_rank=True)  # as saved: never refuse
     check_fingerprint(meta["base"], resolved, source, params if check_content else None)
     params, adapters, rest = restore_arrays(restore, meta, params, opt_state=opt_state)
     return TrainingState(step=int(step), params=params, adapters=adapters, opt_state=rest["opt_state"], plan=resolved)
