@@ -9,6 +9,7 @@ import warnings as _warnings
 from jaxlora import analysis, checkpoint, layers, name_maps, peft_format
 from jaxlora._src.builtin_layers import register_builtin_layers as _register_builtin_layers
 from jaxlora._src.config import ALL_EMBEDDINGS, ALL_KERNELS, LoraConfig
+from jaxlora._src.finiteness import all_finite, nonfinite_paths
 from jaxlora._src.immutable import FrozenMapping
 from jaxlora._src.initializers import init
 from jaxlora._src.interception import DROPOUT_RNG, apply, apply_fn
@@ -33,6 +34,7 @@ __all__ = [
     "Plan",
     "adapter_shardings",
     "adapter_specs",
+    "all_finite",
     "analysis",
     "apply",
     "apply_fn",
@@ -45,6 +47,7 @@ __all__ = [
     "lora_linear",
     "merge",
     "name_maps",
+    "nonfinite_paths",
     "optimizer",
     "partition",
     "peft_format",

@@ -171,3 +171,36 @@ def test_merging_inside_a_differentiated_step_needs_a_few_kernels_of_scratch_not
     stats = jax.jit(jax.grad(loss)).lower(adapters, params).compile().memory_analysis()
     assert stats is not None, "this backend reports no memory analysis: the scratch bound cannot be checked"
     assert stats.temp_size_in_bytes < 4 * 512 * 512 * 4, stats
+
+
+def test_a_jitted_step_can_report_that_the_adapters_went_non_finite():
+    model = MLP((8, 2))
+    x = jax.random.normal(jax.random.key(0), (4, 3))
+    params = model.init(jax.random.key(1), x)["params"]
+    config = jaxlora.LoraConfig(rank=1)
+    _, adapters = jaxlora.init(jax.random.key(2), params, config)
+    trainable, frozen = jaxlora.partition(params, adapters, config)
+    tx = jaxlora.optimizer(optax.sgd(1.0), config)
+
+    @jax.jit
+    def step(trainable, opt_state, scale):
+        def loss_fn(trainable):
+            p, a = jaxlora.combine(trainable, frozen)
+            return scale * jnp.sum(jaxlora.apply(model, {"params": p}, a, config, x) ** 2)
+
+        updates, opt_state = tx.update(jax.grad(loss_fn)(trainable), opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        return trainable, opt_state, jaxlora.all_finite(trainable)  # merge's own check is silent in jit
+
+    opt_state = tx.init(trainable)
+    healthy, opt_state, finite = step(trainable, opt_state, 1e-3)
+    assert finite.dtype == jnp.bool_ and bool(finite)
+    diverged, _, finite = step(healthy, opt_state, jnp.inf)  # an infinite loss scale: NaN/Inf updates
+    assert not bool(finite)
+    assert jaxlora.nonfinite_paths(diverged) == [
+        "lora/linear1/kernel/lora_a",
+        "lora/linear1/kernel/lora_b",
+        "lora/linear2/kernel/lora_a",
+        "lora/linear2/kernel/lora_b",
+    ]
+    assert jaxlora.nonfinite_paths(healthy) == [] and bool(jaxlora.all_finite({"none": None, "i": jnp.arange(3)}))
