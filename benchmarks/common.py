@@ -57,9 +57,9 @@ SMOKE = Profile(
     "smoke",
     GPT2Shape(n_layer=1, n_head=2, n_embd=64, vocab=512, batch=2, seq=16),
     warmup=0,
-    steps=1,
+    steps=3,  # three losses per run: the paths are compared after two updates, not only at the shared start
     repeats=1,
-    small_steps=1,
+    small_steps=3,
     small_repeats=1,
     matmul_repeats=1,
 )

@@ -1,7 +1,7 @@
 """Runs every benchmark configuration in a fresh worker process and writes JSON, a Markdown table and a bar chart.
 
     python -m benchmarks.run                 # full run (under 20 minutes on 2 cores), updates benchmarks/README.md
-    python -m benchmarks.run --smoke         # tiny shapes, one step each: checks that every configuration runs
+    python -m benchmarks.run --smoke         # tiny shapes, three steps each: checks that every configuration runs
     python -m benchmarks.run --only 'gpt2_(lora|peft)_r16$'   # a subset (regex over configuration names)
 
 Results go to `--out` (default `benchmarks/results/` for the full run, `runs/benchmarks-smoke/` for --smoke):
@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="jaxlora against full fine-tuning, Hugging Face PEFT and lorax, each configuration in its own "
         "process; writes latest.json, latest.md and latest.png.",
     )
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes, one step each (seconds, not minutes)")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, three steps each (seconds, not minutes)")
     parser.add_argument(
         "--out",
         type=Path,

@@ -10,6 +10,7 @@ from jaxlora import analysis, checkpoint, layers, loraplus, name_maps, peft_form
 from jaxlora._src.builtin_layers import register_builtin_layers as _register_builtin_layers
 from jaxlora._src.builtin_nnx_layers import register_builtin_nnx_layers as _register_builtin_nnx_layers
 from jaxlora._src.config import ALL_EMBEDDINGS, ALL_KERNELS, LoraConfig
+from jaxlora._src.finiteness import all_finite, nonfinite_paths
 from jaxlora._src.immutable import FrozenMapping
 from jaxlora._src.initializers import init
 from jaxlora._src.interception import DROPOUT_RNG, apply, apply_fn
@@ -37,6 +38,7 @@ __all__ = [
     "Plan",
     "adapter_shardings",
     "adapter_specs",
+    "all_finite",
     "analysis",
     "apply",
     "apply_fn",
@@ -54,6 +56,7 @@ __all__ = [
     "loraplus_optimizer",
     "merge",
     "name_maps",
+    "nonfinite_paths",
     "optimizer",
     "partition",
     "peft_format",

@@ -11,14 +11,38 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("JAXLORA_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+def in_ci() -> bool:
+    """True under CI=true, where a test never skips: a missing dependency or data set is a failure."""
+    return os.environ.get("CI", "").lower() == "true"
+
+
+def skip_unless_ci(message: str) -> None:
+    """Skips the test, or fails it under CI=true (where nothing may skip)."""
+    if in_ci():
+        pytest.fail(message + " (CI=true: tests may not skip in CI)")
+    pytest.skip(message)
+
+
 def require_data(path: Path, what: str) -> Path:
     """`path` if it exists; otherwise skip the test, or fail it under CI (CI=true) where data must be present."""
     if path.exists():
         return path
-    message = f"{what} not found at {path}"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(message + " (CI=true: the data must be present in CI)")
-    pytest.skip(message)
+    skip_unless_ci(f"{what} not found at {path}")
+
+
+def require_module(name: str):
+    """`pytest.importorskip` that fails instead of skipping under CI=true: the imported module, else skip/fail.
+
+    At module level it skips (or fails) the whole test module, as `pytest.importorskip` does.
+    """
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:
+        if in_ci():
+            pytest.fail(f"cannot import {name!r} ({err}) (CI=true: tests may not skip in CI)", pytrace=False)
+        pytest.skip(f"cannot import {name!r}: {err}", allow_module_level=True)
 
 
 def load_example(name: str):

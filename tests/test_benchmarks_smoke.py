@@ -1,7 +1,7 @@
 """The benchmark harness: every configuration runs in `--smoke` mode, and the pieces that judge the targets work.
 
-The smoke run starts three worker processes (jax, torch, lorax) on tiny shapes; about a minute on a quiet
-2-core machine.
+The smoke run starts three worker processes (jax, torch, lorax) on tiny shapes, three training steps each;
+about two minutes on a busy 2-core machine.
 """
 
 from __future__ import annotations
@@ -55,20 +55,53 @@ def test_smoke_run_measures_every_configuration(smoke_run):
 
 
 def test_smoke_run_training_paths_agree(smoke_run):
-    """Same init and data: the factored, merged-inside-jit and bf16-base runs start from one loss."""
+    """Same init and data: the factored, merged-inside-jit and bf16-base runs follow one loss curve.
+
+    The first loss is taken before any update and is the same for every path (full fine-tuning included), so
+    the comparison needs the later ones: at least 3 losses, 2 of them after an update.
+    """
     results = smoke_run[0]["results"]
     fp32 = results["jax_gpt2_lora_r16"]["losses"]
-    assert results["jax_gpt2_lora_r16_merged"]["losses"] == pytest.approx(fp32, rel=1e-5)
-    assert results["jax_gpt2_lora_r16_bf16"]["losses"] == pytest.approx(fp32, abs=0.05)
+    assert len(fp32) >= 3, f"only {len(fp32)} losses: the paths would be compared before any update"
+    descent = fp32[0] - fp32[-1]
+    assert descent > 1e-3, fp32  # the adapters really train, so a path that does not update shows
+    merged = results["jax_gpt2_lora_r16_merged"]["losses"]
+    assert len(merged) == len(fp32) and merged == pytest.approx(fp32, rel=1e-5)
+    bf16 = results["jax_gpt2_lora_r16_bf16"]["losses"]
+    assert len(bf16) == len(fp32) and bf16 == pytest.approx(fp32, abs=0.05)
+    # the bf16 base descends like the float32 one (its start differs by the base's rounding)
+    assert abs((bf16[0] - bf16[-1]) - descent) < 0.3 * descent, (bf16, fp32)
+    # sensitivity: full fine-tuning starts at the same loss but its later losses differ from LoRA's
+    full = results["jax_gpt2_full"]["losses"]
+    assert full[0] == pytest.approx(fp32[0], rel=1e-6)
+    assert all(abs(f - lora) > 1e-3 for f, lora in zip(full[1:], fp32[1:], strict=True)), (full, fp32)
     assert results["jax_gpt2_infer_unmerged"]["max_abs_diff_vs_merged"] < 1e-4
 
 
+# A LoRA step's matrix products are >= 92% of what XLA counts in the smoke run (measured 0.93 to 1.00); a step
+# that also did weight-sized gradient work (dW = xᵀg for a frozen W) would add a third to its products and fall
+# below this. The run that forms W + s·A B inside jit (merged: weight-sized work by design) is the proof: 0.62.
+LORA_MIN_MODEL_SHARE_OF_XLA = 0.88
+LORA_STEPS = (
+    "jax_gpt2_lora_r16",
+    "jax_gpt2_lora_r8",
+    "jax_mnist_b10_lora",
+    "jax_mnist_b256_lora",
+    "jax_regression_b128_lora",
+)
+
+
 def test_smoke_run_flop_counts_match_xla(smoke_run):
-    """The analytic model FLOPs are the matmul part of what XLA counts, so they cannot exceed it by much."""
+    """The analytic model FLOPs are the matmul part of what XLA counts: close to it, and never above it."""
     results = smoke_run[0]["results"]
-    for name in ("jax_gpt2_full", "jax_gpt2_lora_r16", "jax_mnist_b256_full", "jax_gpt2_infer_base"):
+    for name in ("jax_gpt2_full", "jax_mnist_b256_full", "jax_gpt2_infer_base", "jax_gpt2_infer_unmerged"):
         r = results[name]
-        assert 0.5 * r["xla_gflop"] <= r["model_gflop"] <= 1.05 * r["xla_gflop"], (name, r)
+        assert 0.75 * r["xla_gflop"] <= r["model_gflop"] <= 1.05 * r["xla_gflop"], (name, r)
+    for name in LORA_STEPS:
+        r = results[name]
+        assert LORA_MIN_MODEL_SHARE_OF_XLA * r["xla_gflop"] <= r["model_gflop"] <= 1.05 * r["xla_gflop"], (name, r)
+    merged = results["jax_gpt2_lora_r16_merged"]  # same model FLOPs as the factored step, weight-sized extra work
+    assert merged["model_gflop"] < LORA_MIN_MODEL_SHARE_OF_XLA * merged["xla_gflop"], merged
 
 
 def test_smoke_run_writes_report_and_chart(smoke_run):

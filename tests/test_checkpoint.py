@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -173,6 +174,76 @@ def test_extra_adapted_leaf_is_a_mismatch(tmp_path):
         ValueError, match=re.escape("its config also adapts 'linear3/kernel' (a float32 array of shape (4, 4))")
     ):
         checkpoint.load_adapter(tmp_path / "a", deeper)
+
+
+def _nudge(params, path: str, index, by: float = 1e-3):
+    """`params` with one element of the leaf at `path` moved by `by` (a copy)."""
+    layer, leaf = path.split("/")
+    return {**params, layer: {**params[layer], leaf: params[layer][leaf].at[index].add(by)}}
+
+
+def test_a_base_with_other_weights_of_the_same_shapes_is_refused_unless_asked(tmp_path):
+    _, base, trained, adapters = _setup()
+    checkpoint.save_adapter(tmp_path / "a", trained, adapters, CONFIG)
+    other = _nudge(base, "linear2/kernel", (1234, 56))  # one weight of 400,000 moved by 1e-3
+    message = (
+        f"adapter checkpoint {tmp_path / 'a'} was saved with other base weights: the values of 'linear2/kernel' "
+        "differ from the base it was trained on (1 of 2 adapted leaves differ"
+    )
+    with pytest.raises(ValueError, match=re.escape(message) + r".*check_content=False to load it anyway"):
+        checkpoint.load_adapter(tmp_path / "a", other)
+    params, restored, _ = checkpoint.load_adapter(tmp_path / "a", other, check_content=False)
+    _assert_trees_equal(restored, adapters)
+    _assert_trees_equal(params["linear2"], other["linear2"])
+    checkpoint.load_adapter(tmp_path / "a", base)  # the right base loads
+    # A trained modules_to_save leaf is stored, not fingerprinted: a different head in params is no mismatch.
+    checkpoint.load_adapter(tmp_path / "a", _nudge(base, "linear3/kernel", (0, 0)))
+
+
+def test_training_restore_checks_the_base_content_too(tmp_path):
+    _, base, trained, adapters = _setup()
+    manager = checkpoint.checkpoint_manager(tmp_path / "run", async_save=False)
+    checkpoint.save_training(manager, 1, trained, adapters, {"count": jnp.int32(1)}, CONFIG)
+    other = _nudge(base, "linear1/kernel", (0, 0), by=-1e-3)
+    with pytest.raises(ValueError, match=r"step 1 was saved with other base weights: the values of 'linear1/kernel'"):
+        checkpoint.restore_training(manager, other, {"count": jnp.int32(0)})
+    state = checkpoint.restore_training(manager, other, {"count": jnp.int32(0)}, check_content=False)
+    assert int(state.opt_state["count"]) == 1
+    manager.close()
+
+
+def test_checkpoints_without_content_checksums_still_load(tmp_path):
+    _, base, trained, adapters = _setup()
+    checkpoint.save_adapter(tmp_path / "a", trained, adapters, CONFIG)
+    _edit_meta(tmp_path / "a", lambda meta: meta["base"].pop("content"))  # as written before checksums existed
+    _, restored, _ = checkpoint.load_adapter(tmp_path / "a", _nudge(base, "linear2/kernel", (0, 0)))
+    _assert_trees_equal(restored, adapters)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_content_checksum_sees_any_single_changed_element_and_nothing_else(dtype):
+    from jaxlora._src.fingerprints import content_checksums
+
+    rng = np.random.default_rng(0)
+    kernel = jnp.asarray(rng.standard_normal((37, 29)) * 20, dtype)
+    params = {"layer": {"kernel": kernel, "bias": jnp.zeros(29, dtype)}}
+    plan = jaxlora.plan(params, jaxlora.LoraConfig(rank=2))
+    reference = content_checksums(params, plan)
+    assert list(reference) == ["layer/kernel"] and len(reference["layer/kernel"]) == 16
+    assert content_checksums(jax.tree.map(jnp.copy, params), plan) == reference  # values, not identity
+    assert content_checksums({"layer": {**params["layer"], "bias": params["layer"]["bias"] + 1}}, plan) == reference
+    flat = np.asarray(kernel).reshape(-1)
+    for index in rng.choice(flat.size, 40, replace=False):
+        changed = flat.copy()
+        bits = changed.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[changed.dtype.itemsize])
+        bits[index] ^= 1  # the smallest change there is: the last bit of one element
+        moved = {"layer": {**params["layer"], "kernel": jnp.asarray(changed.reshape(kernel.shape))}}
+        assert content_checksums(moved, plan) != reference, index
+    swapped = flat.copy()
+    swapped[[0, 1]] = swapped[[1, 0]]  # the same values in another order
+    if swapped[0] != swapped[1]:
+        moved = {"layer": {**params["layer"], "kernel": jnp.asarray(swapped.reshape(kernel.shape))}}
+        assert content_checksums(moved, plan) != reference
 
 
 def _edit_meta(path: Path, edit) -> None:
@@ -374,6 +445,83 @@ def test_killed_training_save_keeps_the_previous_step(tmp_path):
     np.testing.assert_array_equal(np.asarray(state.adapters["linear2"]["kernel"]["lora_b"]), 1.0)
     manager.close()
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["1"]  # temporaries removed
+
+
+_SAVE_FOREVER = """
+import sys, jax, jax.numpy as jnp
+import jaxlora
+from jaxlora import checkpoint
+from models import MLP
+model = MLP((64,) * 12 + (2,))  # 13 layers: many files per step, so pruning one takes a while
+base = model.init(jax.random.key(0), jnp.zeros((1, 8)))["params"]
+targets = (r"linear\\d/kernel", r"linear1[012]/kernel")
+config = jaxlora.LoraConfig(rank=2, targets=targets, modules_to_save=(r"linear13/.*",))
+_, adapters = jaxlora.init(jax.random.key(1), base, config)
+manager = checkpoint.checkpoint_manager(sys.argv[1], max_to_keep=2)  # every save prunes the oldest step
+start = (manager.latest_step() or 0) + 1
+print("ready", flush=True)
+for step in range(start, start + 100_000):
+    marked = jax.tree.map(lambda x: jnp.full_like(x, step), adapters)
+    checkpoint.save_training(manager, step, base, marked, {"count": jnp.int32(step)}, config)
+"""
+
+RANDOM_KILLS = 10
+
+
+def test_every_listed_step_restores_after_kills_at_random_moments_of_saving_and_pruning(tmp_path):
+    """SIGKILL a run that saves (async) and prunes (max_to_keep=2) without pause, at random moments, 10 times.
+
+    Before pruning became a rename, about one kill in four left a half-deleted step that all_steps() listed and
+    restore failed on (orbax KeyError 'Item "meta" was not found', or TensorStore NOT_FOUND).
+    """
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": f"{REPO}{os.pathsep}{TESTS}"}
+    model = MLP((64,) * 12 + (2,))
+    base = model.init(jax.random.key(0), jnp.zeros((1, 8)))["params"]
+    rng = np.random.default_rng(int(time.time()))
+    seen_steps = 0
+    for kill in range(RANDOM_KILLS):
+        child = subprocess.Popen(
+            [sys.executable, "-c", _SAVE_FOREVER, str(tmp_path / "run")],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert child.stdout.readline().strip() == "ready", child.stderr.read()[-3000:]
+            delay = float(rng.uniform(0.1, 1.5))
+            time.sleep(delay)
+            os.kill(child.pid, signal.SIGKILL)
+            child.wait(timeout=60)
+        finally:
+            if child.poll() is None:
+                child.kill()
+        manager = checkpoint.checkpoint_manager(tmp_path / "run", max_to_keep=2)
+        steps = manager.all_steps()
+        for step in steps:
+            state = checkpoint.restore_training(manager, base, {"count": jnp.int32(0)}, step=step)
+            assert int(state.opt_state["count"]) == step, (kill, delay, step)
+            np.testing.assert_array_equal(np.asarray(state.adapters["linear1"]["kernel"]["lora_a"]), step)
+        manager.close()
+        seen_steps = max([seen_steps, *steps])
+        assert not (tmp_path / "run" / ".jaxlora-pruned").exists()  # pruned leftovers are removed at start
+    assert seen_steps >= 3, "the kills all came before any step was pruned; the test proved nothing"
+
+
+def test_a_damaged_step_names_the_step_and_what_is_missing(tmp_path):
+    _, base, trained, adapters = _setup()
+    manager = checkpoint.checkpoint_manager(tmp_path / "run", async_save=False)
+    for step in (1, 2):
+        checkpoint.save_training(manager, step, trained, adapters, {"count": jnp.int32(step)}, CONFIG)
+    shutil.rmtree(tmp_path / "run" / "2" / "meta")  # as a deletion cut short by a kill (older jaxlora) leaves it
+    with pytest.raises(ValueError, match=r"step 2 cannot be restored: items \['meta'\] are missing in .*\[1\]"):
+        checkpoint.restore_training(manager, base, {"count": jnp.int32(0)}, step=2)
+    for path in (tmp_path / "run" / "1" / "opt_state").rglob("*"):
+        if path.is_file() and path.name != "_METADATA":
+            path.unlink()
+    with pytest.raises(ValueError, match=r"step 1 cannot be restored: an item's files are incomplete"):
+        checkpoint.restore_training(manager, base, {"count": jnp.int32(0)}, step=1)
+    manager.close()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -121,17 +121,34 @@ def test_dropout_acts_only_with_a_key_and_is_deterministic_per_key():
     assert float(jnp.abs(run(k1) - no_dropout).max()) > 1e-3
 
 
+class _WithStats(nn.Module):
+    """A Dense layer followed by BatchNorm: a model with a second collection ("batch_stats")."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.BatchNorm(use_running_average=False, name="norm")(nn.Dense(2, name="dense")(x))
+
+
 def test_apply_jits_and_extra_collections_pass_through():
-    model = MLP((8, 2))
-    x = jnp.ones((3, 4))
-    params = model.init(jax.random.key(1), x)["params"]
+    model = _WithStats()
+    x = jax.random.normal(jax.random.key(0), (3, 4))
+    variables = model.init(jax.random.key(1), x)
     config = jaxlora.LoraConfig(rank=1)
-    _, adapters = jaxlora.init(jax.random.key(2), params, config)
-    eager = jaxlora.apply(model, {"params": params}, adapters, config, x)
-    jitted = jax.jit(lambda p, a: jaxlora.apply(model, {"params": p}, a, config, x))(params, adapters)
-    np.testing.assert_array_equal(eager, jitted)
+    _, adapters = jaxlora.init(jax.random.key(2), variables["params"], config)
+    adapters = _randomize(adapters)
+    out, updated = jaxlora.apply(model, variables, adapters, config, x, mutable=["batch_stats"])
+    jitted, _ = jax.jit(lambda v, a: jaxlora.apply(model, v, a, config, x, mutable=["batch_stats"]))(
+        variables, adapters
+    )
+    np.testing.assert_array_equal(out, jitted)
+    merged = {**variables, "params": jaxlora.merge(variables["params"], adapters, config)}
+    want, want_updated = model.apply(merged, x, mutable=["batch_stats"])  # the stats see the adapted Dense
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), updated, want_updated)
+    moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), updated["batch_stats"], variables["batch_stats"])
+    assert max(jax.tree.leaves(moved)) > 1e-3  # the collection really went in and came back updated
     with pytest.raises(ValueError, match="'params' collection"):
-        jaxlora.apply(model, params, adapters, config, x)
+        jaxlora.apply(model, variables["params"], adapters, config, x)
 
 
 class _Stacked(nn.Module):

@@ -8,13 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import require_module
 from safetensors.numpy import save_file
 
 from jaxlora.models import gpt2 as gpt2_lib
 from jaxlora.models.gpt2 import GPT2, GPT2Classifier, GPT2Config, generate_greedy, load_hf_weights
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = require_module("torch")
+transformers = require_module("transformers")
 
 VOCAB = 97
 

@@ -6,7 +6,7 @@ import json
 import sys
 
 import pytest
-from conftest import REPO, SHARED_DATA, require_data
+from conftest import REPO, SHARED_DATA, require_data, require_module
 
 sys.path.insert(0, str(REPO / "examples"))
 import gpt2_spam
@@ -52,8 +52,8 @@ def test_quick_offline_pretrain(tmp_path, data_args, capsys):
 
 def test_quick_with_local_hugging_face_weights_on_the_reference_split(tmp_path):
     """--weights PATH instead of pretraining, on the published split's CSVs."""
-    transformers = pytest.importorskip("transformers")
-    torch = pytest.importorskip("torch")
+    transformers = require_module("transformers")
+    torch = require_module("torch")
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=256)  # GPT-2's 50257 tokens
     transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "weights")
@@ -81,7 +81,7 @@ def test_missing_weights_offline_names_the_flags(tmp_path, data_args):
 
 
 def test_weights_without_config_json_must_match_a_preset(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = require_module("transformers")
     config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50257, n_positions=8)
     transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path)
     (tmp_path / "config.json").unlink()

@@ -6,12 +6,12 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, require_module
 
 sys.path.insert(0, str(REPO / "examples"))
 import mnist_data
 
-tfds = pytest.importorskip("tensorflow_datasets")
+tfds = require_module("tensorflow_datasets")
 
 
 class _Records:

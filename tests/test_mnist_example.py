@@ -75,7 +75,10 @@ def test_digits_story_offline(example, tmp_path, capsys):
     # MLP 64-128-256-10 with a rank-1 adapter on every kernel: r·(in + out) summed over the layers.
     assert facts["num_lora"] == (64 + 128) + (128 + 256) + (256 + 10)
     assert facts["accuracy_before"] >= 0.85
-    assert facts["wrong_lora"][9] <= facts["wrong_before"][9]
+    before, after = facts["wrong_before"], facts["wrong_lora"]
+    assert after[9] < before[9]  # the adapter fixes nines it got wrong (measured: 1 -> 0) ...
+    others = np.arange(10) != 9
+    assert after[others].sum() > before[others].sum()  # ... and, having seen only 9s, breaks others (20 -> 152)
     _check_story_invariants(facts)
 
 

@@ -15,15 +15,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import require_module
 from models import MLP, Zoo
 
 import jaxlora
 from jaxlora import name_maps
 from jaxlora.peft_format import load_peft, save_peft
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+torch = require_module("torch")
+transformers = require_module("transformers")
+peft = require_module("peft")
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from jaxlora.models import gpt2 as gpt2_lib  # noqa: E402
@@ -166,6 +167,31 @@ def test_mlp_peft_to_jax_through_a_sequential_name_map(tmp_path):
     got = model.apply({"params": jaxlora.merge(params, adapters, config)}, _x())
     np.testing.assert_allclose(got, want, atol=ATOL)
     np.testing.assert_allclose(jaxlora.apply(model, {"params": params}, adapters, config, _x()), want, atol=ATOL)
+
+
+def test_a_peft_adapter_with_rank_above_min_in_out_loads_with_a_warning(tmp_path):
+    """PEFT allows r > min(in, out) (r=5 on linear3, 8 -> 3); the file loads, warns, and computes what PEFT does."""
+    model, base = _flax_mlp()
+    torch_model = TorchMLP(SIZES)
+    _copy_into_torch(base, {n: getattr(torch_model, n) for n in torch_model.names})
+    peft_model = peft.get_peft_model(torch_model, peft.LoraConfig(r=5, lora_alpha=10, target_modules=["linear3"]))
+    _randomise_torch(peft_model, 0)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    want = peft_model.eval()(torch.tensor(_x())).detach().numpy()
+
+    with pytest.warns(UserWarning, match=re.escape("'linear3/kernel' has rank 5, above min(fan_in, fan_out) = 3")):
+        params, adapters, plan = load_peft(tmp_path / "adapter", base)
+    assert plan.leaves["linear3/kernel"].rank == 5 and plan.leaves["linear3/kernel"].scale == 2.0
+    np.testing.assert_allclose(model.apply({"params": jaxlora.merge(params, adapters, plan)}, _x()), want, atol=ATOL)
+    np.testing.assert_allclose(jaxlora.apply(model, {"params": params}, adapters, plan, _x()), want, atol=ATOL)
+    assert not np.allclose(want, model.apply({"params": base}, _x()), atol=1e-2)
+    with pytest.warns(UserWarning, match="above min"):  # a jaxlora checkpoint of it loads again too
+        jaxlora.checkpoint.save_adapter(tmp_path / "ours", params, adapters, plan)
+        _, again, _ = jaxlora.checkpoint.load_adapter(tmp_path / "ours", params)
+    jax.tree.map(np.testing.assert_array_equal, again, adapters)
+    # a new config asking for such a rank is still refused: the relaxation is for files that exist
+    with pytest.raises(ValueError, match="exceeds min"):
+        jaxlora.plan(base, jaxlora.LoraConfig(rank=5, targets=("linear3/kernel",)))
 
 
 def test_n_dimensional_kernels_round_trip(tmp_path):

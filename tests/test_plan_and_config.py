@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -42,6 +44,29 @@ def test_config_round_trips_through_json_and_warns_on_unknown_keys():
     with pytest.warns(UserWarning, match=r"unknown keys \['from_the_future'\]"):
         again = jaxlora.LoraConfig.from_dict({**config.to_dict(), "from_the_future": 1})
     assert again == config
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[1, 2]", "LoraConfig.from_dict expects a mapping of field names to values (a JSON object), got list"),
+        ('"rank"', "expects a mapping of field names to values (a JSON object), got str"),
+        ('{"targets": 123}', "LoraConfig.targets must be a regex string or a list of regex strings, got int 123"),
+        ('{"exclude": [1]}', "LoraConfig.exclude must be a regex string or a list of regex strings, got list [1]"),
+        ('{"modules_to_save": {"a": 1}}', "LoraConfig.modules_to_save must be a regex string or a list of regex"),
+        ('{"rank_pattern": [["a", 2]]}', "LoraConfig.rank_pattern must be a mapping (JSON object) from regex strings"),
+        ('{"fan_in_ndim": 2}', "LoraConfig.fan_in_ndim must be a mapping (JSON object) from regex strings"),
+        ('{"use_rslora": "yes"}', "LoraConfig.use_rslora must be a bool (true or false), got str 'yes'"),
+        ('{"dropout": "0.1"}', "LoraConfig.dropout must be a number in [0, 1), got str '0.1'"),
+        ('{"init_std": [1]}', "LoraConfig.init_std must be a number > 0 or None, got list [1]"),
+        ('{"init": ["kaiming"]}', "LoraConfig.init must be one of"),
+        ('{"rank": "8"}', "LoraConfig.rank must be a positive int, got '8'"),
+        ("{rank: 8}", "Expecting property name enclosed in double quotes"),  # json.JSONDecodeError is a ValueError
+    ],
+)
+def test_malformed_json_raises_value_error_naming_the_field_and_expected_type(text, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        jaxlora.LoraConfig.from_json(text)
 
 
 def test_scales_follow_alpha_over_rank_rslora_and_per_path_overrides():

@@ -35,13 +35,13 @@ def _spec(leaf: Any) -> dict[str, Any]:
     return {"shape": [int(d) for d in np.shape(leaf)], "dtype": str(np.dtype(leaf.dtype))}
 
 
-def _metadata(plan: Plan, adapters: Mapping, saved_included: bool) -> dict[str, Any]:
+def _metadata(params: PyTree, plan: Plan, adapters: Mapping, saved_included: bool) -> dict[str, Any]:
     flat = plan.check_adapters(adapters)
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "config": plan.config.to_dict(),
-        "base": fingerprint(plan),
+        "base": fingerprint(plan, params),
         "adapters": {p: {name: _spec(x) for name, x in pair.items()} for p, pair in flat.items()},
         "saved_included": saved_included,
     }
@@ -111,7 +111,7 @@ def _default_sharding() -> jax.sharding.Sharding:
 
 def save_args(params: PyTree, adapters: Mapping, plan: Plan, include_saved: bool, **extra: Any) -> Any:
     """The orbax items of a checkpoint: adapters, meta, the saved leaves and any `extra` trees (validated first)."""
-    meta = _metadata(plan, adapters, include_saved)
+    meta = _metadata(params, plan, adapters, include_saved)
     items = {"adapters": ocp.args.StandardSave(dict(adapters)), "meta": ocp.args.JsonSave(meta)}
     saved = _saved_leaves(params, plan) if include_saved else {}
     if saved:
@@ -184,12 +184,20 @@ def save_adapter(
     return directory
 
 
-def load_adapter(directory: str | os.PathLike, params: PyTree) -> tuple[PyTree, dict, Plan]:
+def load_adapter(
+    directory: str | os.PathLike, params: PyTree, *, check_content: bool = True
+) -> tuple[PyTree, dict, Plan]:
     """`(params, adapters, plan)` from a checkpoint written by `save_adapter` for this base `params`.
+
+    The base is checked against the fingerprint stored with the adapter: paths, shapes and dtypes, and a
+    checksum of every adapted leaf's values, so that the adapter does not load silently onto another base of
+    the same architecture (another checkpoint, a fine-tuned copy, a PiSSA base without its residual).
 
     Args:
       directory: the checkpoint (a replacement cut short by a crash is recovered).
       params: the base params the adapters belong to.
+      check_content: also check the adapted leaves' values (False: shapes and dtypes only, to load an
+        adapter onto a base that differs on purpose).
 
     Returns:
       `params` with any saved modules_to_save leaves put in, the adapters, and the plan of the stored config
@@ -197,7 +205,8 @@ def load_adapter(directory: str | os.PathLike, params: PyTree) -> tuple[PyTree, 
 
     Raises:
       FileNotFoundError: if there is no checkpoint at `directory`.
-      ValueError: naming the first leaf where `params` differ from the base the checkpoint was saved with.
+      ValueError: naming the first leaf where `params` differ from the base the checkpoint was saved with
+        (in path, shape, dtype, or, with `check_content`, value).
 
     Example:
       See `save_adapter`.
@@ -212,7 +221,7 @@ def load_adapter(directory: str | os.PathLike, params: PyTree) -> tuple[PyTree, 
         except (FileNotFoundError, KeyError, ValueError) as err:
             raise ValueError(f"{directory} is not a jaxlora adapter checkpoint ({err})") from err
         meta, config = read_metadata(raw, str(directory))
-        resolved = make_plan(params, config)
-        check_fingerprint(meta["base"], resolved, f"adapter checkpoint {directory}")
+        resolved = make_plan(params, config, allow_excess_rank=True)  # as saved: never refuse
+        check_fingerprint(meta["base"], resolved, f"adapter checkpoint {directory}", params if check_content else None)
         params, adapters, _ = restore_arrays(lambda args: ckpt.restore(directory, args), meta, params)
     return params, adapters, resolved

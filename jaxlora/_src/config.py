@@ -89,6 +89,7 @@ class LoraConfig:
     use_dora: bool = False
 
     def __post_init__(self) -> None:
+        _check_field_types(self)
         for field in ("targets", "exclude", "modules_to_save"):
             object.__setattr__(self, field, _as_tuple(getattr(self, field)))
         for field in ("rank_pattern", "alpha_pattern", "fan_in_ndim", "stacked_axes", "layers_to_transform"):
@@ -165,7 +166,16 @@ class LoraConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LoraConfig:
-        """Inverse of `to_dict`; keys written by a newer jaxlora are ignored with a warning."""
+        """Inverse of `to_dict`; keys written by a newer jaxlora are ignored with a warning.
+
+        Raises:
+          ValueError: if `data` is not a mapping, or a field has the wrong type or value (naming the field).
+        """
+        if not isinstance(data, Mapping):
+            raise ValueError(
+                f"LoraConfig.from_dict expects a mapping of field names to values (a JSON object), "
+                f"got {type(data).__name__}: {data!r:.80}"
+            )
         known = {f.name for f in dataclasses.fields(cls)} - {"predicate"}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -178,7 +188,11 @@ class LoraConfig:
 
     @classmethod
     def from_json(cls, text: str) -> LoraConfig:
-        """Inverse of `to_json`."""
+        """Inverse of `to_json`.
+
+        Raises:
+          ValueError: if `text` is not JSON, not a JSON object, or a field has the wrong type or value.
+        """
         return cls.from_dict(json.loads(text))
 
 
@@ -197,3 +211,41 @@ def _check_rank(name: str, rank: Any) -> None:
 def _check_alpha(name: str, alpha: Any) -> None:
     if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha > 0 or not math.isfinite(alpha):
         raise ValueError(f"LoraConfig.{name} must be a finite number > 0, got {alpha!r}")
+
+
+# The JSON-level type each serialisable field must have (checked before any conversion, so that bad input
+# from a file gets a ValueError naming the field instead of a TypeError from deep inside).
+_REGEX_LISTS = ("targets", "exclude", "modules_to_save")
+_MAPPINGS = ("rank_pattern", "alpha_pattern", "fan_in_ndim")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_field_types(config: LoraConfig) -> None:
+    """Raises ValueError naming the first field whose value has the wrong type, and the type expected."""
+
+    def refuse(field: str, expected: str, value: Any) -> None:
+        raise ValueError(f"LoraConfig.{field} must be {expected}, got {type(value).__name__} {value!r:.80}")
+
+    for field in _REGEX_LISTS:
+        value = getattr(config, field)
+        if isinstance(value, str):
+            continue
+        if not isinstance(value, list | tuple) or not all(isinstance(p, str) for p in value):
+            refuse(field, "a regex string or a list of regex strings", value)
+    for field in _MAPPINGS:
+        value = getattr(config, field)
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            refuse(field, "a mapping (JSON object) from regex strings to values", value)
+    if not isinstance(config.use_rslora, bool):
+        refuse("use_rslora", "a bool (true or false)", config.use_rslora)
+    if not _is_number(config.dropout):
+        refuse("dropout", "a number in [0, 1)", config.dropout)
+    if config.init_std is not None and not _is_number(config.init_std):
+        refuse("init_std", "a number > 0 or None", config.init_std)
+    if not isinstance(config.init, str):
+        refuse("init", f"one of {_INITS}", config.init)
+    if config.predicate is not None and not callable(config.predicate):
+        refuse("predicate", "a callable predicate(path, leaf) -> bool or None", config.predicate)

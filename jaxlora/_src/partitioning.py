@@ -11,6 +11,7 @@ import re
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from jaxlora._src.config import LoraConfig
@@ -124,11 +125,22 @@ def labels(tree: dict, plan: Plan | LoraConfig) -> dict:
     return map_with_paths(label, tree)
 
 
+def _keep_frozen() -> optax.GradientTransformation:
+    """Updates of -0.0 for frozen leaves: `w + (-0.0)` is `w` bit for bit (also -0.0, which `+ 0.0` turns into +0.0)."""
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u: jnp.full_like(u, -0.0), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def optimizer(tx: optax.GradientTransformation, plan: Plan | LoraConfig) -> optax.GradientTransformation:
-    """`optax.multi_transform`: `tx` for trainable leaves, `optax.set_to_zero()` for frozen ones.
+    """`optax.multi_transform`: `tx` for trainable leaves, a zero update (-0.0) for frozen ones.
 
     Works on the trainable half from `partition` (frozen leaves absent) and on a full
-    `{"params", "lora"}` tree alike; frozen leaves keep no optimizer state either way.
+    `{"params", "lora"}` tree alike; frozen leaves keep no optimizer state either way, and on a full tree
+    their updates are -0.0, so `optax.apply_updates` leaves them bit-identical (negative zeros included).
 
     Args:
       tx: the optimizer for the adapters and modules_to_save leaves.
@@ -145,7 +157,7 @@ def optimizer(tx: optax.GradientTransformation, plan: Plan | LoraConfig) -> opta
       >>> trainable, frozen = jaxlora.partition(params, adapters, plan)
       >>> opt_state = jaxlora.optimizer(optax.adam(1e-3), plan).init(trainable)
     """
-    return optax.multi_transform({TRAINABLE: tx, FROZEN: optax.set_to_zero()}, lambda tree: labels(tree, plan))
+    return optax.multi_transform({TRAINABLE: tx, FROZEN: _keep_frozen()}, lambda tree: labels(tree, plan))
 
 
 def count_params(tree: PyTree) -> int:

@@ -349,7 +349,10 @@ def load_peft(directory: str | os.PathLike, params: PyTree, *, name_map: NameMap
     _check_coverage(sorted_.factors, modules, peft_config, source)
     converted = _convert_factors(sorted_, modules, shapes, peft_config, source)
     new_params, saved_paths = _load_saved(params, flat_params, sorted_.saved, modules, saved_names, str(source))
-    resolved = make_plan(new_params, _jaxlora_config(peft_config, converted, saved_paths, shapes))
+    # PEFT allows a rank above min(in, out) (the update's rank is still at most that): warn, do not refuse a file
+    resolved = make_plan(
+        new_params, _jaxlora_config(peft_config, converted, saved_paths, shapes), allow_excess_rank=True
+    )
     adapters = unflatten_adapters(converted.pairs)
     resolved.check_adapters(adapters)
     for path, leaf in resolved.leaves.items():

@@ -251,12 +251,14 @@ def _unmatched(patterns: tuple[str, ...] | Mapping[str, Any], paths: list[str]) 
     return [p for p in patterns if not any(re.fullmatch(p, path) for path in paths)]
 
 
-def plan(params: PyTree, config: LoraConfig) -> Plan:
+def plan(params: PyTree, config: LoraConfig, *, allow_excess_rank: bool = False) -> Plan:
     """Resolves `config` against `params` (arrays or `jax.ShapeDtypeStruct`s); never allocates.
 
     Args:
       params: the base parameter tree (linen `params` dict, NNX state, or its `jax.eval_shape`).
       config: what to adapt.
+      allow_excess_rank: warn instead of refusing a rank above min(fan_in, fan_out) (which PEFT allows);
+        the loaders use it for adapters that exist already. Never with init="pissa".
 
     Returns:
       The `Plan`: hold it and pass it to the other jaxlora functions; `print(plan)` shows the table.
@@ -311,7 +313,7 @@ def plan(params: PyTree, config: LoraConfig) -> Plan:
             "narrow `targets` or add them to `exclude`"
         )
 
-    planned = {path: _leaf_plan(path, shapes[path], dtypes[path], config) for path in targeted}
+    planned = {path: _leaf_plan(path, shapes[path], dtypes[path], config, allow_excess_rank) for path in targeted}
     return Plan(
         config=config,
         leaves=FrozenMapping(planned),
@@ -322,7 +324,9 @@ def plan(params: PyTree, config: LoraConfig) -> Plan:
     )
 
 
-def _leaf_plan(path: str, shape: tuple[int, ...], dtype: Any, config: LoraConfig) -> LeafPlan:
+def _leaf_plan(
+    path: str, shape: tuple[int, ...], dtype: Any, config: LoraConfig, allow_excess_rank: bool = False
+) -> LeafPlan:
     """The plan of one targeted leaf, after checking that it can carry the adapter the config asks for."""
     if not jnp.issubdtype(dtype, jnp.floating) or len(shape) < 2:
         raise ValueError(
@@ -371,12 +375,25 @@ def _leaf_plan(path: str, shape: tuple[int, ...], dtype: Any, config: LoraConfig
                 f"layers_to_transform for {path!r} names layer {entry.layers[-1]}, but it stacks "
                 f"{entry.num_layers} layers (shape {entry.stack_shape}); use indices 0..{entry.num_layers - 1}"
             )
-    if entry.rank > min(entry.fan_in, entry.fan_out):
+    if entry.rank > min(entry.fan_in, entry.fan_out) and allow_excess_rank and config.init != "pissa":
+        _warn_excess_rank(entry)
+    elif entry.rank > min(entry.fan_in, entry.fan_out):
         raise ValueError(
             f"rank {entry.rank} for {path!r} exceeds min(fan_in, fan_out) = {min(entry.fan_in, entry.fan_out)} "
             f"of W {shape}; a LoRA update cannot have a higher rank than W: lower `rank` or set `rank_pattern`"
         )
     return entry
+
+
+def _warn_excess_rank(leaf: LeafPlan) -> None:
+    import warnings
+
+    warnings.warn(
+        f"the adapter for {leaf.path!r} has rank {leaf.rank}, above min(fan_in, fan_out) = "
+        f"{min(leaf.fan_in, leaf.fan_out)} of W {leaf.shape}: its update s·A B has rank at most "
+        f"{min(leaf.fan_in, leaf.fan_out)}, so the extra rank only costs memory (it loads and merges correctly)",
+        stacklevel=3,
+    )
 
 
 def resolve(params: PyTree, plan_or_config: Plan | LoraConfig) -> Plan:

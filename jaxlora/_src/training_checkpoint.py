@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import orbax.checkpoint as ocp
 
@@ -16,6 +17,18 @@ from jaxlora._src.fingerprints import check_fingerprint
 from jaxlora._src.paths import PyTree
 from jaxlora._src.planning import Plan, resolve
 from jaxlora._src.planning import plan as make_plan
+
+# Steps pruned by max_to_keep are first renamed into this sub-folder (one atomic rename), then removed from it:
+# a run killed while a step is being deleted leaves the step either complete and listed, or out of the list.
+PRUNED = ".jaxlora-pruned"
+_ITEMS = ("meta", "adapters", "opt_state")  # every training checkpoint has these ("saved" only with saved leaves)
+
+
+def _remove_leftovers(directory: Path) -> None:
+    """Removes steps a killed run left half-written, and pruned steps not yet removed."""
+    for leftover in directory.glob("*.orbax-checkpoint-tmp*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    shutil.rmtree(directory / PRUNED, ignore_errors=True)
 
 
 class TrainingState(NamedTuple):
@@ -40,7 +53,9 @@ def checkpoint_manager(
 
     Saves are atomic (a killed run leaves the previous step loadable, and the half-written step is removed
     here on the next start) and, with `async_save`, written in the background: call
-    ``manager.wait_until_finished()`` (or ``manager.close()``) before exiting.
+    ``manager.wait_until_finished()`` (or ``manager.close()``) before exiting. Old steps are pruned by renaming
+    them into ``directory/.jaxlora-pruned`` first (atomic), then deleting them there (on the next save or the
+    next start), so a run killed at any moment never leaves a half-deleted step that `all_steps()` lists.
 
     Args:
       directory: the folder holding one sub-folder per step.
@@ -58,10 +73,11 @@ def checkpoint_manager(
       >>> manager.close()
     """
     directory = Path(directory).expanduser().absolute()
-    if directory.is_dir():  # steps a killed run left half-written (orbax's own cleanup runs in the background)
-        for leftover in directory.glob("*.orbax-checkpoint-tmp*"):
-            shutil.rmtree(leftover, ignore_errors=True)
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save)
+    if directory.is_dir():  # orbax's own cleanup of half-written steps runs in the background; this runs first
+        _remove_leftovers(directory)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save, todelete_subdir=PRUNED
+    )
     return ocp.CheckpointManager(directory, options=options)
 
 
@@ -93,11 +109,18 @@ def save_training(
       See `restore_training`.
     """
     args = save_args(params, adapters, resolve(params, plan), True, opt_state=opt_state)
+    manager.wait_until_finished()  # the previous save (and its pruning) is done: what it pruned can go
+    shutil.rmtree(Path(manager.directory) / PRUNED, ignore_errors=True)
     return manager.save(int(step), args=args, force=force)
 
 
 def restore_training(
-    manager: ocp.CheckpointManager, params: PyTree, opt_state: PyTree, *, step: int | None = None
+    manager: ocp.CheckpointManager,
+    params: PyTree,
+    opt_state: PyTree,
+    *,
+    step: int | None = None,
+    check_content: bool = True,
 ) -> TrainingState | None:
     """The checkpoint at `step` (default: the latest), or None when the manager holds none.
 
@@ -106,12 +129,14 @@ def restore_training(
       params: the base model (checked against the checkpoint's fingerprint).
       opt_state: a template of the optimizer state (e.g. ``tx.init(trainable)`` or its ``jax.eval_shape``).
       step: which step (default: the latest).
+      check_content: also check the values of the adapted base leaves against the checkpoint's checksums.
 
     Returns:
       A `TrainingState(step, params, adapters, opt_state, plan)`, or None when there is no checkpoint.
 
     Raises:
-      ValueError: if `step` is not saved, or the checkpoint does not fit `params`.
+      ValueError: if `step` is not saved, if the checkpoint does not fit `params`, or if it cannot be read
+        (naming the step and what is missing, e.g. a step cut short by a kill under an older jaxlora).
 
     Example:
       >>> import tempfile, jax, jax.numpy as jnp, optax, jaxlora
@@ -133,12 +158,24 @@ def restore_training(
     if step not in manager.all_steps():
         raise ValueError(f"no checkpoint for step {step} in {manager.directory}; saved steps: {manager.all_steps()}")
     source = f"training checkpoint {manager.directory} step {step}"
-    meta, config = read_metadata(
-        manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"], source
-    )
-    resolved = make_plan(params, config)
-    check_fingerprint(meta["base"], resolved, source)
-    params, adapters, rest = restore_arrays(
-        lambda args: manager.restore(step, args=args), meta, params, opt_state=opt_state
-    )
+    restore = functools.partial(_restore_step, manager, step, source)
+    meta, config = read_metadata(restore(ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"], source)
+    resolved = make_plan(params, config, allow_excess_rank=True)  # as saved: never refuse
+    check_fingerprint(meta["base"], resolved, source, params if check_content else None)
+    params, adapters, rest = restore_arrays(restore, meta, params, opt_state=opt_state)
     return TrainingState(step=int(step), params=params, adapters=adapters, opt_state=rest["opt_state"], plan=resolved)
+
+
+def _restore_step(manager: ocp.CheckpointManager, step: int, source: str, args: Any) -> Any:
+    """`manager.restore(step, args)`, with orbax's and TensorStore's errors on a damaged step made explicit."""
+    try:
+        return manager.restore(step, args=args)
+    except (KeyError, ValueError, FileNotFoundError, OSError) as err:
+        folder = Path(manager.directory) / str(step)
+        missing = [item for item in _ITEMS if not (folder / item).is_dir()]
+        what = f"items {missing} are missing" if missing else "an item's files are incomplete"
+        others = [s for s in manager.all_steps() if s != step]
+        raise ValueError(
+            f"{source} cannot be restored: {what} in {folder} ({type(err).__name__}: {str(err)[:300]}). It was "
+            f"probably cut short while being written or deleted; restore another step ({others}) or delete it"
+        ) from err
