@@ -213,7 +213,8 @@ def test_scanned_llama_lora_is_served_per_layer_and_exchanged_with_peft(tmp_path
     np.testing.assert_array_equal(jaxlora.apply_nnx(model, adapters, plan, ids), model(ids))  # B = 0
     leaves, tree = jax.tree.flatten(adapters)
     keys = jax.random.split(jax.random.key(2), len(leaves))
-    adapters = jax.tree.unflatten(tree, [x + 0.2 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)])
+    noise = [0.2 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
+    adapters = jax.tree.unflatten(tree, [x + n for x, n in zip(leaves, noise, strict=True)])
     got = jaxlora.apply_nnx_fn(plan, strict=True)(model, adapters, ids)  # strict: nothing merged on the side
 
     name_map = llama.peft_name_map(model.config, scan_layers=True)

@@ -36,6 +36,12 @@ def all_finite(tree: PyTree) -> jax.Array:
 def nonfinite_paths(tree: PyTree) -> list[str]:
     """The "/"-joined paths of the leaves of `tree` holding NaN or Inf (outside jit: it reads the values).
 
+    Args:
+      tree: adapters, params or any pytree of arrays.
+
+    Returns:
+      The paths, in tree order (empty when every value is finite).
+
     Example:
       >>> import jax.numpy as jnp, jaxlora
       >>> jaxlora.nonfinite_paths({"a": jnp.ones(2), "b": {"c": jnp.array([jnp.inf])}})
