@@ -125,6 +125,7 @@ def _configs() -> list[Config]:
     add("jax_gpt2_lora_r16", "jax", "gpt2_train", "jaxlora r16 factored")
     add("jax_gpt2_lora_r8", "jax", "gpt2_train", "jaxlora r8 c_attn factored")
     add("jax_gpt2_lora_r16_merged", "jax", "gpt2_train", "jaxlora r16 merged inside jit")
+    add("jax_gpt2_lora_r16_scanned", "jax", "gpt2_train", "jaxlora r16, blocks stacked by nn.scan")
     add("jax_gpt2_lora_r16_bf16", "jax", "gpt2_train", "jaxlora r16, bf16 frozen base")
     add("torch_gpt2_full", "torch", "gpt2_train", "torch full fine-tuning (AdamW default)")
     add("torch_gpt2_peft_r16", "torch", "gpt2_train", "PEFT r16 (AdamW default)")

@@ -114,8 +114,9 @@ def _train_result(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _gpt2(shape: GPT2Shape) -> tuple[GPT2Classifier, dict]:
+def _gpt2(shape: GPT2Shape, scan_layers: bool = False) -> tuple[GPT2Classifier, dict]:
     config = GPT2Config(
+        scan_layers=scan_layers,
         vocab_size=shape.vocab,
         n_positions=max(1024 if shape.n_embd >= 768 else 64, shape.seq),
         n_embd=shape.n_embd,
@@ -152,14 +153,18 @@ def _gpt2_batches(shape: GPT2Shape, count: int) -> list[tuple[jax.Array, jax.Arr
     ]
 
 
-def gpt2_lora_config(variant: str) -> jaxlora.LoraConfig:
-    """The jaxlora config of a GPT-2 LoRA variant; the new classifier head trains in full, as in PEFT's SEQ_CLS."""
+def gpt2_lora_config(variant: str, scan_layers: bool = False) -> jaxlora.LoraConfig:
+    """The jaxlora config of a GPT-2 LoRA variant; the new classifier head trains in full, as in PEFT's SEQ_CLS.
+
+    With `scan_layers` the blocks are stacked under "h" and each stacked layer gets its own adapter."""
     spec = GPT2_LORA[variant]
     modules = "|".join(spec["modules"])
+    blocks = "h" if scan_layers else r"h_\d+"
     return jaxlora.LoraConfig(
         rank=spec["rank"],
         alpha=spec["alpha"],
-        targets=(rf"h_\d+/({modules})/kernel",),
+        targets=(rf"{blocks}/({modules})/kernel",),
+        stacked_axes={r"h/.*": 1} if scan_layers else {},
         modules_to_save=(r"head/kernel",),
     )
 
@@ -219,7 +224,7 @@ def gpt2_full(profile: Profile) -> dict[str, Any]:
 
 def _gpt2_lora_train(profile: Profile, cfg: jaxlora.LoraConfig, variant: str | None, **kw: Any) -> dict[str, Any]:
     shape = profile.gpt2
-    model, params = _gpt2(shape)
+    model, params = _gpt2(shape, kw.pop("scan_layers", False))
     params, adapters = jaxlora.init(jax.random.key(1), params, cfg)
     trainable, frozen = jaxlora.partition(params, adapters, cfg)
     counts = {"trainable_params": _count(trainable), "total_params": _count(params) + _count(adapters)}
@@ -252,7 +257,8 @@ def gpt2_full_jaxlora(profile: Profile) -> dict[str, Any]:
 
 
 def gpt2_lora(variant: str, **kw: Any) -> Callable[[Profile], dict[str, Any]]:
-    return lambda profile: _gpt2_lora_train(profile, gpt2_lora_config(variant), variant, **kw)
+    config = gpt2_lora_config(variant, kw.get("scan_layers", False))
+    return lambda profile: _gpt2_lora_train(profile, config, variant, **dict(kw))
 
 
 # --- inference ------------------------------------------------------------------------------------------------
@@ -504,6 +510,7 @@ RUNNERS: dict[str, Callable[[Profile], dict[str, Any]]] = {
     "jax_gpt2_lora_r16": gpt2_lora("r16"),
     "jax_gpt2_lora_r8": gpt2_lora("r8"),
     "jax_gpt2_lora_r16_merged": gpt2_lora("r16", mode="merged"),
+    "jax_gpt2_lora_r16_scanned": gpt2_lora("r16", scan_layers=True),
     "jax_gpt2_lora_r16_bf16": gpt2_lora("r16", base_dtype=jnp.bfloat16),
     "jax_gpt2_infer_base": gpt2_infer("base"),
     "jax_gpt2_infer_unmerged": gpt2_infer("unmerged"),
