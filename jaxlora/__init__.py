@@ -7,6 +7,7 @@ hand it to the other functions.
 import warnings as _warnings
 
 from jaxlora import analysis, checkpoint, layers, loraplus, name_maps, peft_format, quantization
+from jaxlora._src.adapter_module import AdapterModule
 from jaxlora._src.builtin_layers import register_builtin_layers as _register_builtin_layers
 from jaxlora._src.builtin_nnx_layers import register_builtin_nnx_layers as _register_builtin_nnx_layers
 from jaxlora._src.config import ALL_EMBEDDINGS, ALL_KERNELS, LoraConfig
@@ -32,6 +33,7 @@ __all__ = [
     "ALL_EMBEDDINGS",
     "ALL_KERNELS",
     "DROPOUT_RNG",
+    "AdapterModule",
     "FrozenMapping",
     "LeafPlan",
     "LoraConfig",

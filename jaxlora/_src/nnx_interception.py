@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlora._src.adapter_module import AdapterModule
 from jaxlora._src.config import LoraConfig
 from jaxlora._src.interception import _dropout_rng, _leaf_rng
 from jaxlora._src.layer_kinds import Adapter, LayerCall, LayerKind, kind_of
@@ -170,7 +171,9 @@ def apply_nnx_fn(plan: Plan | LoraConfig, *, strict: bool = False) -> Callable[.
       (1, 3)
     """
 
-    def run(module: nnx.Module, adapters: Mapping, *args: Any, **kwargs: Any) -> Any:
+    def run(module: nnx.Module, adapters: Mapping | AdapterModule, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(adapters, AdapterModule):
+            adapters = adapters.tree()
         params = nnx.state(module, nnx.Param)
         resolved = resolve(params, plan)
         if resolved.config.use_dora:
@@ -224,7 +227,8 @@ def apply_nnx(module: nnx.Module, adapters: Mapping, plan: Plan | LoraConfig, *a
     Args:
       module: an nnx module (Linear, LinearGeneral, Einsum, Conv and Embed layers are served factored, stacked
         ones inside `nnx.scan` too).
-      adapters: from `jaxlora.init(key, nnx.state(module, nnx.Param), plan)` (or trained).
+      adapters: from `jaxlora.init(key, nnx.state(module, nnx.Param), plan)` (or trained), or a
+        `jaxlora.AdapterModule` holding them (for `nnx.Optimizer`).
       plan: from `jaxlora.plan(nnx.state(module, nnx.Param), config)`.
       *args: the module's positional arguments.
       **kwargs: its keyword arguments; `rngs={"lora_dropout": key}` switches on LoRA dropout.
