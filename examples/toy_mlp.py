@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from tqdm.auto import tqdm
+from progress import track
 
 import jaxlora
 from jaxlora import analysis
@@ -106,7 +106,7 @@ def fit(loss_fn, trainable, frozen, tx, x, y, *, key, batch_size, epochs, desc) 
 
     opt_state = tx.init(trainable)
     history = []
-    for _ in tqdm(range(epochs), desc=desc, leave=False, disable=None):
+    for _ in track(range(epochs), desc=desc, unit="epoch"):  # a bar on a terminal, else a line every 5 s
         key, sub = jax.random.split(key)
         trainable, opt_state, loss = run_epoch(trainable, opt_state, frozen, sub)
         history.append(float(loss))

@@ -37,6 +37,7 @@ def smoke_run(tmp_path_factory) -> tuple[dict, Path]:
     return json.loads((out / "latest.json").read_text()), out
 
 
+@pytest.mark.slow
 def test_smoke_run_measures_every_configuration(smoke_run):
     run, _ = smoke_run
     results = run["results"]
@@ -54,6 +55,7 @@ def test_smoke_run_measures_every_configuration(smoke_run):
             assert result["losses"] and all(v == v for v in result["losses"]), name  # no NaN
 
 
+@pytest.mark.slow
 def test_smoke_run_training_paths_agree(smoke_run):
     """Same init and data: the factored, merged-inside-jit and bf16-base runs start from one loss."""
     results = smoke_run[0]["results"]
@@ -63,6 +65,7 @@ def test_smoke_run_training_paths_agree(smoke_run):
     assert results["jax_gpt2_infer_unmerged"]["max_abs_diff_vs_merged"] < 1e-4
 
 
+@pytest.mark.slow
 def test_smoke_run_flop_counts_match_xla(smoke_run):
     """The analytic model FLOPs are the matmul part of what XLA counts, so they cannot exceed it by much."""
     results = smoke_run[0]["results"]
@@ -71,6 +74,7 @@ def test_smoke_run_flop_counts_match_xla(smoke_run):
         assert 0.5 * r["xla_gflop"] <= r["model_gflop"] <= 1.05 * r["xla_gflop"], (name, r)
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_report_and_chart(smoke_run):
     run, out = smoke_run
     markdown = (out / "latest.md").read_text()

@@ -57,6 +57,7 @@ def test_mnist_story_meets_its_targets(example, tmp_path):
     _check_story_invariants(facts)
 
 
+@pytest.mark.slow
 def test_digits_story_offline_and_the_cached_base(example, tmp_path, capsys, monkeypatch):
     empty = tmp_path / "no_tfds_data"
     empty.mkdir()
@@ -116,6 +117,7 @@ def test_pretraining_pool_keeps_a_share_of_one_digit(example):
         example.pretraining_pool(labels, 9, 0.0, seed=0)
 
 
+@pytest.mark.slow
 def test_cli_help_runs_as_a_script():
     result = subprocess.run(
         [sys.executable, str(EXAMPLE), "--help"], capture_output=True, text=True, timeout=120, check=False
