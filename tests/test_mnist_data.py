@@ -206,7 +206,7 @@ def test_offline_falls_back_to_digits_in_one_line(tmp_path, monkeypatch, closed_
     data = mnist_data.load("auto", str(tmp_path / "tfds"), download=True, log=lines.append)
     assert data.name == "digits"
     fallback = [line for line in lines if "8x8 digits" in line]
-    assert len(fallback) == 1 and "\n" not in fallback[0]
+    assert lines == fallback and len(fallback) == 1 and "\n" not in fallback[0]  # that line and nothing else
     assert fallback[0].startswith("no MNIST (offline: could not download train-images-idx3-ubyte.gz")
     assert "To get MNIST: run once with internet" in fallback[0] and "--mnist-raw-dir" in fallback[0]
     assert "Traceback" not in capsys.readouterr().out
