@@ -27,7 +27,7 @@ else
 fi
 rm -f .venv/.installed-*
 set +e
-.venv/bin/python -m pip install --progress-bar off -e ".[${extra}]" 2>&1 | tee .venv/pip.log |
+PYTHONUNBUFFERED=1 .venv/bin/python -m pip install --progress-bar off -e ".[${extra}]" 2>&1 | tee .venv/pip.log |
   grep --line-buffered -E '^(Collecting|Installing collected packages)' |
   awk '{ print "setup: " substr($0, 1, 110); fflush() }'
 status="${PIPESTATUS[0]}"
