@@ -194,7 +194,11 @@ def download_raw_files(
                 errors.append((urllib.parse.urlsplit(base).netloc, err))
         else:
             offline = all(isinstance(err, OSError) for _, err in errors)
-            detail = "; ".join(f"{host}: {_short(err)}" for host, err in errors)
+            reasons = {_short(err) for _, err in errors}
+            if len(reasons) == 1:  # e.g. every host name unresolvable: say it once
+                detail = f"{', '.join(host for host, _ in errors)}: {reasons.pop()}"
+            else:
+                detail = "; ".join(f"{host}: {_short(err)}" for host, err in errors)
             raise DataUnavailable(f"{'offline: ' if offline else ''}could not download {name} ({detail})")
     return raw_dir
 
@@ -202,8 +206,10 @@ def download_raw_files(
 def _short(err: BaseException) -> str:
     """An exception in a few words: URLError's reason, else the type and message, on one line."""
     reason = getattr(err, "reason", None)
-    text = f"{type(err).__name__}: {reason if reason is not None else err}"
-    return " ".join(text.split())[:160]
+    text = " ".join(f"{type(err).__name__}: {reason if reason is not None else err}".split())
+    if any(sign in text for sign in ("Name or service not known", "name resolution", "nodename nor servname")):
+        return "the host name cannot be resolved"
+    return text[:160]
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
