@@ -297,7 +297,7 @@ def _merge_rows(results: dict[str, Any]) -> list[str]:
     for key, label in (
         ("tensor_bytes", "raw float32 tensors"),
         ("jaxlora_checkpoint_bytes", "jaxlora.checkpoint.save_adapter (orbax + metadata)"),
-        ("jaxlora_peft_bytes", "jaxlora.peft.save_peft (PEFT directory)"),
+        ("jaxlora_peft_bytes", "jaxlora.peft_format.save_peft (PEFT directory)"),
         ("orbax_standard_bytes", "orbax StandardCheckpointer"),
         ("safetensors_bytes", "safetensors"),
     ):

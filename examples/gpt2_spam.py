@@ -8,10 +8,14 @@ The adapter (plus the head) is saved with ``jaxlora.checkpoint`` and reloaded to
 
 Where the base comes from:
 
-    python examples/gpt2_spam.py                       # openai-community/gpt2 from the Hugging Face Hub
+    python examples/gpt2_spam.py --weights gpt2        # openai-community/gpt2 from the Hugging Face Hub (default)
     python examples/gpt2_spam.py --weights PATH        # a local model.safetensors (file or directory)
-    python examples/gpt2_spam.py --offline-pretrain    # no weights, no network: pretrain a small GPT-2 first
+    python examples/gpt2_spam.py --offline-pretrain    # no pretrained weights: pretrain a small GPT-2 first
     python examples/gpt2_spam.py --quick ...           # tiny model and a few steps (used by the tests)
+
+What it needs is fetched once when online: tiktoken's GPT-2 BPE, the SMS Spam Collection (sha256 pinned) and,
+unless --offline-pretrain, the GPT-2 weights (huggingface_hub). Whatever cannot be had is named in one line each,
+with where to get it.
 
 ``--offline-pretrain`` pretrains a small GPT-2 (2 layers, width 128, 4 heads, dropout 0.1; GPT-2's vocabulary,
 256 positions) as a causal language model on the texts of the *training split only* (about 33 k tokens): the
@@ -42,7 +46,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
 import jaxlora
 import jaxlora.checkpoint
@@ -59,8 +62,11 @@ from jaxlora.models.gpt2 import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import spam_data
+from progress import Progress, on_terminal
 
 HUB_ID = "openai-community/gpt2"
+HUB_ALIASES = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
+HUB_FILES = ("config.json", "model.safetensors")
 PUBLISHED_TRAINABLE = 2_666_528  # the recipe's count: LoRA r=16 on GPT-2 124M with separate q/k/v and the head
 BLOCK_LINEARS = r"h_\d+/(attn|mlp)/(c_attn|c_proj|c_fc)/kernel"
 SCANNED_BLOCK_LINEARS = r"h/(attn|mlp)/(c_attn|c_proj|c_fc)/kernel"  # --scan-layers: kernels (n_layer, in, out)
@@ -87,7 +93,11 @@ class Batch:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     base = parser.add_argument_group("base model")
-    base.add_argument("--weights", help=f"GPT-2 model.safetensors file or directory, or a hub id (default: {HUB_ID})")
+    base.add_argument(
+        "--weights",
+        help="GPT-2 model.safetensors file or directory, a Hugging Face Hub id, or gpt2 / gpt2-medium / gpt2-large / "
+        f"gpt2-xl (default: {HUB_ID})",
+    )
     base.add_argument(
         "--offline-pretrain",
         action="store_true",
@@ -243,7 +253,7 @@ def pretrain(config: GPT2Config, corpus: np.ndarray, args: argparse.Namespace) -
     rng = np.random.default_rng(args.seed)
     key = jax.random.key(args.seed + 1)
     losses = []
-    with tqdm(total=total, desc="pretrain", unit="step") as bar:
+    with Progress(total, "pretrain", "step") as bar:  # a bar on a terminal, else a line every 5 s
         for epoch in range(args.pretrain_epochs):
             offset = int(rng.integers(block))  # a new cut of the stream every epoch
             n = (len(stream) - offset - 1) // block
@@ -253,8 +263,7 @@ def pretrain(config: GPT2Config, corpus: np.ndarray, args: argparse.Namespace) -
                 key, sub = jax.random.split(key)
                 params, opt_state, loss = step(params, opt_state, windows, sub)
                 losses.append(float(loss))
-                bar.update()
-                bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.3f}")
+                bar.update(epoch=epoch + 1, loss=f"{losses[-1]:.3f}")
 
     table = jax.random.normal(jax.random.key(args.seed + 2), (config.vocab_size, config.n_embd))
     table = (config.initializer_range * table).at[vocab].set(params["wte"]["embedding"])  # GPT-2's init elsewhere
@@ -428,8 +437,7 @@ def plot(out: Path, history: dict[str, list], pretrain_losses: list[float]) -> l
 # --------------------------------------------------------------------------------------------------------------
 
 
-def load_data(args: argparse.Namespace, encoding) -> dict[str, spam_data.EncodedSplit]:
-    splits = spam_data.load_splits(args.data_dir, args.reference_split, seed=args.split_seed)
+def encode_data(args: argparse.Namespace, encoding, splits) -> dict[str, spam_data.EncodedSplit]:
     data = spam_data.encode_splits(encoding, splits)
     if args.quick:
         data = {name: subset(split, 96 if name == "train" else 32) for name, split in data.items()}
@@ -492,7 +500,7 @@ def fine_tune(args, model, plan, trainable, frozen, data, timings) -> tuple[Para
         f"{args.weight_decay:g}, batch {args.batch_size}, {args.epochs} epochs of {steps_per_epoch} steps."
     )
     step = examples_seen = 0
-    with tqdm(total=steps_per_epoch * args.epochs, desc="fine-tune", unit="step") as bar:
+    with Progress(steps_per_epoch * args.epochs, "fine-tune", "step") as bar:
         for epoch in range(1, args.epochs + 1):
             for batch in batches(data["train"], args.batch_size, rng):
                 key, sub = jax.random.split(key)
@@ -509,8 +517,7 @@ def fine_tune(args, model, plan, trainable, frozen, data, timings) -> tuple[Para
                         history[k].append(v)
                     bar.write(f"Ep {epoch} (step {step:06d}): train loss {train_loss:.3f}, val loss {val_loss:.3f}")
                 step += 1
-                bar.update()
-                bar.set_postfix(epoch=epoch, loss=f"{float(loss):.3f}")
+                bar.update(epoch=epoch, loss=f"{float(loss):.3f}")
             history["train_acc"].append(evaluate(eval_step, trainable, frozen, batches(train_sorted, 64))[1])
             history["val_acc"].append(evaluate(eval_step, trainable, frozen, batches(val_sorted, 64))[1])
             bar.write(
@@ -537,14 +544,88 @@ def save_and_check(args, model, params, adapters, plan, head, test: spam_data.En
     return same
 
 
+class MissingInputs(Exception):
+    """What the run needs and cannot have, one line each (what, why, where to get it)."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def fetch_hub_weights(repo_id: str) -> Path:
+    """The folder holding config.json and model.safetensors of a Hugging Face Hub repo, downloaded once.
+
+    huggingface_hub keeps them in its cache; its retry warnings are silenced (an offline failure becomes one
+    line), and its progress bars show on a terminal only.
+    """
+    import huggingface_hub
+    from huggingface_hub.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    bars = on_terminal()
+    if not bars:
+        huggingface_hub.utils.disable_progress_bars()
+    print(f"Fetching {', '.join(HUB_FILES)} of {repo_id} from the Hugging Face Hub (cached after the first time)...")
+    try:
+        folder = huggingface_hub.snapshot_download(repo_id, allow_patterns=list(HUB_FILES))
+    except Exception as err:
+        raise spam_data.Unavailable(
+            f"GPT-2 weights: could not get {repo_id} from the Hugging Face Hub or its cache ({spam_data._short(err)}); "
+            "run once "
+            "with internet, pass --weights PATH to a local model.safetensors, or use --offline-pretrain"
+        ) from err
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if not bars:
+            huggingface_hub.utils.enable_progress_bars()
+    return Path(folder)
+
+
+def resolve_weights(weights: str) -> str:
+    """A local path as given; a hub id (or gpt2 / gpt2-medium / ... for openai-community's) downloaded first."""
+    if Path(weights).expanduser().exists():
+        return weights
+    repo_id = HUB_ALIASES.get(weights, weights)
+    if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")) or repo_id.endswith(".safetensors"):
+        raise spam_data.Unavailable(
+            f"GPT-2 weights: {weights} does not exist; pass --weights PATH to a model.safetensors file or its "
+            "folder, a Hugging Face Hub id such as gpt2, or use --offline-pretrain"
+        )
+    return str(fetch_hub_weights(repo_id))
+
+
+def gather_inputs(args: argparse.Namespace):
+    """The tokenizer, the encoded data and the weights' local path, or MissingInputs naming each that failed."""
+    problems, encoding, data = [], None, None
+    try:
+        encoding = spam_data.gpt2_encoding(args.bpe_dir)
+    except spam_data.Unavailable as err:
+        problems.append(str(err))
+    try:
+        splits = spam_data.load_splits(args.data_dir, args.reference_split, seed=args.split_seed)
+    except (spam_data.Unavailable, FileNotFoundError) as err:
+        problems.append(str(err) if isinstance(err, spam_data.Unavailable) else f"the SMS spam split: {err}")
+    else:
+        if encoding is not None:
+            data = encode_data(args, encoding, splits)
+    if not (args.offline_pretrain or args.pretrained is not None):
+        try:
+            args.weights = resolve_weights(args.weights)
+        except spam_data.Unavailable as err:
+            problems.append(str(err))
+    if problems:
+        raise MissingInputs(problems)
+    return encoding, data
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     start = time.perf_counter()
     timings: dict[str, float] = {}
-    args.out.mkdir(parents=True, exist_ok=True)
 
-    encoding = spam_data.gpt2_encoding(args.bpe_dir)
-    data = load_data(args, encoding)
+    encoding, data = gather_inputs(args)  # all that can be missing is checked before any work
+    args.out.mkdir(parents=True, exist_ok=True)
     gpt_config, params, pretrain_losses = base_model(args, data["train"], timings)
     gpt_config = dataclasses.replace(gpt_config, dropout=0.0)  # the recipe fine-tunes without dropout
     if args.scan_layers and not gpt_config.scan_layers:
@@ -605,5 +686,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return metrics
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """`main` for the command line: what cannot be had is one `error:` line each on stderr, not a traceback."""
+    try:
+        main(argv)
+    except MissingInputs as err:
+        for problem in err.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, ValueError) as err:  # a bad --weights / --pretrained / data file: named inside
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

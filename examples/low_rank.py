@@ -8,6 +8,7 @@ the transpose of this paper notation; the arithmetic is the same.)
 
     python examples/low_rank.py
     python examples/low_rank.py --d 1000 --k 2000 --rank 1    # the savings grow with the matrix
+    python examples/low_rank.py --quick                       # the same checks without the plot (for the tests)
 """
 
 from __future__ import annotations
@@ -111,6 +112,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"({100 * (big_d + big_k) / (big_d * big_k):.2f}%): what a rank-1 LoRA trains"
     )
 
+    if args.quick:  # matplotlib's import and the drawing take most of this example's own time
+        facts["plot"] = None
+        print("\n5. plot: skipped (--quick)")
+        return facts
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plot = out / "low_rank.png"
@@ -127,6 +132,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rank", type=int, default=2, help="rank of W")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/low_rank", help="directory for the plot")
+    parser.add_argument("--quick", action="store_true", help="every check, but no plot (matplotlib is the slow part)")
     return parser.parse_args(argv)
 
 

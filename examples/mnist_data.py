@@ -1,5 +1,9 @@
 """MNIST as normalised numpy arrays, read with `tfds.data_source` (array_record: no TensorFlow needed).
 
+When no prepared copy is at hand, the four raw MNIST files are downloaded (or taken from a folder), checked
+against pinned sha256 sums and prepared with tfds' own MNIST builder into the same array_record files that
+tfds would write, without TensorFlow (numpy reads the raw files, Pillow encodes the PNGs tfds stores).
+
 When MNIST cannot be had (offline, no local copy), scikit-learn's bundled 8x8 digits tell the same
 story at a smaller scale. Every array is built in one go; the training loop never touches Python
 objects per example.
@@ -9,26 +13,45 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gzip
+import hashlib
+import io
 import logging
 import os
+import sys
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+from progress import Progress, track
 
 MNIST_MEAN = 0.1307  # mean and std of the MNIST training pixels in [0, 1], the customary normalisation
 MNIST_STD = 0.3081
 SHARED_TFDS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tfds"
 READ_CHUNK = 5000  # examples decoded per tfds call (one progress-bar tick)
 
+RAW_URLS = (  # where the four raw MNIST files are downloaded from, in order (tfds' own source first)
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+)
+RAW_FILES = {  # name: (bytes, sha256), as pinned by tensorflow-datasets (url_checksums/mnist.txt)
+    "train-images-idx3-ubyte.gz": (9912422, "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609"),
+    "train-labels-idx1-ubyte.gz": (28881, "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c"),
+    "t10k-images-idx3-ubyte.gz": (1648877, "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6"),
+    "t10k-labels-idx1-ubyte.gz": (4542, "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6"),
+}
+SPLIT_FILES = {  # split: (images file, labels file)
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+DOWNLOAD_TIMEOUT = 30.0  # seconds without an answer before a mirror counts as unreachable
+
 HOW_TO_GET_MNIST = (
-    "To get MNIST: (1) with internet, install what tfds needs to prepare it once (`pip install tensorflow "
-    "importlib_resources`) and this loader downloads and prepares it in array_record format (unless "
-    "--no-download); or (2) to build it from the four raw files (train-images-idx3-ubyte.gz, ...), pass their "
-    "folder as --mnist-raw-dir (tfds DownloadConfig(manual_dir=...); this needs the same two packages); or "
-    "(3) point --data-dir or TFDS_DATA_DIR at a folder holding mnist/3.0.1 prepared with "
-    "file_format='array_record' (reading it needs no TensorFlow). "
-    "Offline, `--dataset digits` runs the same story on scikit-learn's bundled 8x8 digits."
+    "To get MNIST: run once with internet (the four raw files, 11.6 MB, are downloaded, checksum-verified and "
+    "prepared in tfds' array_record format, no TensorFlow needed), or pass --mnist-raw-dir with the four raw "
+    ".gz files, or point --data-dir / TFDS_DATA_DIR at a folder holding mnist/3.0.1 in array_record format"
 )
 
 
@@ -36,7 +59,7 @@ class DataUnavailable(RuntimeError):
     """MNIST is neither on disk nor obtainable here; `reason` says why, the message also how to get it."""
 
     def __init__(self, reason: str):
-        super().__init__(f"{reason}. {HOW_TO_GET_MNIST}")
+        super().__init__(f"{reason}. {HOW_TO_GET_MNIST}.")
         self.reason = reason
 
 
@@ -103,19 +126,185 @@ def _open_source(split: str, data_dir: str | None):
     return tfds.data_source("mnist", split=split, data_dir=data_dir, download=False)
 
 
-def prepare_mnist(data_dir: str | None, raw_dir: str | None = None) -> None:
-    """Downloads (or builds from the raw files in `raw_dir`) MNIST in array_record format into `data_dir`."""
-    import tensorflow_datasets as tfds
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
-    config = tfds.download.DownloadConfig(manual_dir=raw_dir) if raw_dir else None
+
+def _matches(path: Path, size: int, sha256: str) -> bool:
+    return path.is_file() and path.stat().st_size == size and _sha256(path) == sha256
+
+
+def check_raw_files(raw_dir: str | os.PathLike, files: dict[str, tuple[int, str]] | None = None) -> Path:
+    """`raw_dir` when it holds every raw MNIST file with the pinned size and sha256; DataUnavailable otherwise."""
+    files = RAW_FILES if files is None else files
+    raw_dir = Path(raw_dir).expanduser()
+    missing = [name for name in files if not (raw_dir / name).is_file()]
+    if missing:
+        raise DataUnavailable(f"{raw_dir} lacks the raw MNIST file(s) {', '.join(missing)}")
+    wrong = [name for name, (size, sha) in files.items() if not _matches(raw_dir / name, size, sha)]
+    if wrong:
+        raise DataUnavailable(f"{', '.join(wrong)} in {raw_dir} fail(s) the checksum (a corrupt or different file)")
+    return raw_dir
+
+
+def _fetch(url: str, destination: Path, size: int, sha256: str, timeout: float) -> None:
+    """Downloads `url` to `destination` through a .part file, showing progress; checks size and sha256."""
+    partial = destination.with_name(destination.name + ".part")
+    with (
+        urllib.request.urlopen(url, timeout=timeout) as response,
+        partial.open("wb") as out,
+        Progress(size, f"   downloading {destination.name}", "B") as bar,
+    ):
+        for block in iter(lambda: response.read(1 << 16), b""):
+            out.write(block)
+            bar.update(len(block))
+    if not _matches(partial, size, sha256):
+        partial.unlink()
+        raise ValueError(f"{url} gave a file whose size or sha256 differs from the pinned one")
+    partial.replace(destination)
+
+
+def download_raw_files(
+    raw_dir: str | os.PathLike,
+    urls: tuple[str, ...] | None = None,
+    files: dict[str, tuple[int, str]] | None = None,
+    timeout: float = DOWNLOAD_TIMEOUT,
+) -> Path:
+    """The four raw MNIST files in `raw_dir`, downloaded (mirror by mirror) unless already there and verified.
+
+    `urls` (default RAW_URLS) are base URLs tried in order; `files` (default RAW_FILES) the pinned sizes and sums.
+    """
+    urls, files = RAW_URLS if urls is None else urls, RAW_FILES if files is None else files
+    raw_dir = Path(raw_dir).expanduser()
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    for name, (size, sha256) in files.items():
+        target = raw_dir / name
+        if _matches(target, size, sha256):
+            continue
+        errors: list[tuple[str, BaseException]] = []
+        for base in urls:
+            try:
+                _fetch(base + name, target, size, sha256, timeout)
+                break
+            except (OSError, ValueError) as err:  # URLError, timeouts and refused connections are OSErrors
+                errors.append((urllib.parse.urlsplit(base).netloc, err))
+        else:
+            offline = all(isinstance(err, OSError) for _, err in errors)
+            reasons = {_short(err) for _, err in errors}
+            if len(reasons) == 1:  # e.g. every host name unresolvable: say it once
+                detail = f"{', '.join(host for host, _ in errors)}: {reasons.pop()}"
+            else:
+                detail = "; ".join(f"{host}: {_short(err)}" for host, err in errors)
+            raise DataUnavailable(f"{'offline: ' if offline else ''}could not download {name} ({detail})")
+    return raw_dir
+
+
+def _short(err: BaseException) -> str:
+    """An exception in a few words: URLError's reason, else the type and message, on one line."""
+    reason = getattr(err, "reason", None)
+    text = " ".join(f"{type(err).__name__}: {reason if reason is not None else err}".split())
+    if any(sign in text for sign in ("Name or service not known", "name resolution", "nodename nor servname")):
+        return "the host name cannot be resolved"
+    return text[:160]
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """An (optionally gzipped) IDX file of unsigned bytes (MNIST's format) as a numpy array."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
+        raise ValueError(f"{path} is not an IDX file of unsigned bytes")
+    ndim = data[3]
+    shape = tuple(int(n) for n in np.frombuffer(data, ">u4", count=ndim, offset=4))
+    values = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
+    if values.size != int(np.prod(shape)):
+        raise ValueError(f"{path}: header says {shape}, but it holds {values.size} values")
+    return values.reshape(shape)
+
+
+def build_array_record(data_dir: str | None, raw_dir: str | os.PathLike) -> None:
+    """MNIST in tfds' array_record format, built from the four raw files without TensorFlow.
+
+    The builder is tfds' own MNIST builder (same name, version, features and split names, so that
+    `tfds.data_source("mnist")` reads the result); only where the examples come from is replaced: the raw files
+    are read with numpy instead of tf.io, and the PNGs that tfds stores are encoded with Pillow instead of
+    tf.image. tfds shuffles by example key as usual, so the records land in the same order as in a copy that
+    tfds prepares itself, with the same decoded images and labels.
+    """
+    import tensorflow_datasets as tfds
+    from PIL import Image
+    from tensorflow_datasets.image_classification import mnist as tfds_mnist
+
+    raw_dir = Path(raw_dir)
+    log_stream = sys.stdout  # tfds' own prints are silenced below; the progress lines go to the real stdout
+
+    def png(image: np.ndarray) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    class RawMnist(tfds_mnist.MNIST, skip_registration=True):
+        name = "mnist"
+
+        def _split_generators(self, dl_manager):
+            return {split: self._generate_examples(*files) for split, files in SPLIT_FILES.items()}
+
+        def _generate_examples(self, images_file, labels_file):
+            images, labels = read_idx(raw_dir / images_file), read_idx(raw_dir / labels_file)
+            if len(images) != len(labels):
+                raise ValueError(f"{images_file} holds {len(images)} images but {labels_file} {len(labels)} labels")
+            for index, (image, label) in enumerate(
+                track(zip(images, labels, strict=True), len(labels), f"encoding {images_file}", stream=log_stream)
+            ):
+                yield index, {"image": png(image), "label": int(label)}  # (28, 28): a grayscale PNG
+
+    with _quiet_absl(), _tfds_bars_off(tfds), contextlib.redirect_stdout(io.StringIO()):
+        RawMnist(data_dir=data_dir, file_format="array_record").download_and_prepare()
+
+
+@contextlib.contextmanager
+def _tfds_bars_off(tfds) -> Iterator[None]:
+    """tfds' own progress bars are replaced by ours (a bar on a terminal, lines in a log)."""
+    from tensorflow_datasets.core.utils import tqdm_utils
+
+    enabled = getattr(tqdm_utils, "_active", True)
+    tfds.disable_progress_bar()
     try:
-        builder = tfds.builder("mnist", data_dir=data_dir, file_format="array_record")
-        builder.download_and_prepare(download_config=config)
+        yield
+    finally:
+        if enabled:
+            tfds.enable_progress_bar()
+
+
+def tfds_root(data_dir: str | None) -> Path:
+    """The tfds data folder `data_dir` stands for (None: $TFDS_DATA_DIR, else ~/tensorflow_datasets)."""
+    return Path(data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets").expanduser()
+
+
+def prepare_mnist(data_dir: str | None, raw_dir: str | None = None, log: Callable[[str], None] = print) -> None:
+    """MNIST in array_record format in `data_dir`, from the raw files in `raw_dir` or downloaded ones.
+
+    Without `raw_dir`, the four raw files are downloaded into `<data_dir>/downloads/mnist_raw` (once; kept
+    files are checksum-verified again). Raises DataUnavailable when the files cannot be had or built.
+    """
+    root = tfds_root(data_dir)
+    if raw_dir is not None:
+        raw = check_raw_files(raw_dir)
+    else:
+        raw = download_raw_files(root / "downloads" / "mnist_raw")  # offline: DataUnavailable, nothing printed
+        log(f"MNIST was not in {root}: downloaded the four raw files (11.6 MB, sha256 verified) into {raw}")
+    log(f"building MNIST in tfds' array_record format in {root / 'mnist' / '3.0.1'} (once; about 15 s)")
+    try:
+        build_array_record(str(root), raw)
+    except ImportError as err:
+        raise DataUnavailable(f"preparing MNIST needs {err.name or err} (pip install -e '.[examples]')") from err
     except Exception as err:
-        raise DataUnavailable(
-            f"could not download and prepare MNIST into {data_dir or 'the tfds default folder'} "
-            f"({type(err).__name__}: {err})"
-        ) from err
+        raise DataUnavailable(f"could not prepare MNIST from the raw files in {raw} ({_short(err)})") from err
 
 
 def _read_all(source, progress: Callable | None, desc: str) -> tuple[np.ndarray, np.ndarray]:
@@ -171,21 +360,23 @@ def load_mnist(
     raw_dir: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     progress: Callable | None = None,
+    log: Callable[[str], None] = print,
 ) -> Dataset:
     """MNIST train (60,000) and test (10,000), normalised with mean 0.1307 and std 0.3081.
 
-    Reads the array_record copy in `data_dir` (default: `default_data_dir()`); when absent and
-    `download` is set, downloads and prepares it first. Raises DataUnavailable saying how to get it.
+    Reads the array_record copy in `data_dir` (default: `default_data_dir()`); when absent, builds it from
+    the raw files in `raw_dir`, or (with `download`) from downloaded ones. Raises DataUnavailable saying how
+    to get it.
     """
     data_dir = data_dir if data_dir is not None else default_data_dir()
     try:
         with _quiet_absl():
             _open_source("test", data_dir)
     except Exception as err:
-        where = data_dir or "the tfds default folder (~/tensorflow_datasets)"
-        if not download:
-            raise DataUnavailable(f"no MNIST prepared in array_record format in {where}") from err
-        prepare_mnist(data_dir, raw_dir)
+        where = str(tfds_root(data_dir))
+        if not download and raw_dir is None:
+            raise DataUnavailable(f"MNIST not found in {where} (and downloading is off)") from err
+        prepare_mnist(data_dir, raw_dir, log=log)
     splits = {}
     for split in ("train", "test"):
         images, labels = read_mnist_split(split, data_dir, cache_dir, progress)
@@ -246,9 +437,9 @@ def load(
     if dataset == "digits":
         return load_digits()
     try:
-        return load_mnist(data_dir, download=download, raw_dir=raw_dir, cache_dir=cache_dir, progress=progress)
+        return load_mnist(data_dir, download=download, raw_dir=raw_dir, cache_dir=cache_dir, progress=progress, log=log)
     except DataUnavailable as err:
         if dataset == "mnist":
             raise
-        log(f"using scikit-learn's 8x8 digits: {err.reason} (run with --dataset mnist to see how to get it)")
+        log(f"no MNIST ({err.reason}), so using scikit-learn's bundled 8x8 digits instead. {HOW_TO_GET_MNIST}.")
         return load_digits()

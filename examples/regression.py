@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
+from progress import Progress
 
 import jaxlora
 from jaxlora import analysis
@@ -112,19 +112,18 @@ def train(
 
     opt_state = tx.init(trainable)
     history = []
-    bar = tqdm(range(1, epochs + 1), desc=desc, leave=False, disable=None)  # no bar when not a terminal
-    for epoch in bar:
-        key, sub = jax.random.split(key)
-        trainable, opt_state, loss = run_epoch(trainable, opt_state, frozen, x, y, sub)
-        loss = float(loss)
-        history.append((epoch, loss))
-        bar.set_postfix(mse=f"{loss:.4g}")
-        done = loss < target
-        if epoch % log_every == 0 or done or epoch == epochs:
-            tqdm.write(f"  {desc} epoch {epoch:3d}: full-data MSE {loss:.6g}")
-        if done:
-            break
-    bar.close()
+    with Progress(epochs, f"  {desc}", "epoch") as bar:  # a bar on a terminal, else a line every 5 s
+        for epoch in range(1, epochs + 1):
+            key, sub = jax.random.split(key)
+            trainable, opt_state, loss = run_epoch(trainable, opt_state, frozen, x, y, sub)
+            loss = float(loss)
+            history.append((epoch, loss))
+            bar.update(mse=f"{loss:.4g}")
+            done = loss < target
+            if epoch % log_every == 0 or done or epoch == epochs:
+                bar.write(f"  {desc} epoch {epoch:3d}: full-data MSE {loss:.6g}")
+            if done:
+                break
     return trainable, history
 
 

@@ -6,17 +6,22 @@ GPT-2's BPE, pad every sequence with <|endoftext|> (50256) to the longest *train
 validation and test to that length. ``lengths`` records the real tokens per row, so the classifier can read the
 last real token instead of padding. ``read_reference_split`` loads the exact published split instead.
 
-Offline use: ``TIKTOKEN_CACHE_DIR`` (tiktoken's own cache) or ``gpt2_encoding(bpe_dir)`` with GPT-2's
-``encoder.json`` + ``vocab.bpe``; a local ``SMSSpamCollection`` file or directory for the data.
+Online, both are fetched once: tiktoken downloads GPT-2's BPE (and checks its sha256 itself), and the SMS Spam
+Collection is downloaded from UCI (or the book's mirror) and checked against a pinned sha256. Offline use:
+``TIKTOKEN_CACHE_DIR`` (tiktoken's own cache) or ``gpt2_encoding(bpe_dir)`` with GPT-2's ``encoder.json`` +
+``vocab.bpe``; a local ``SMSSpamCollection`` file or directory for the data. ``../shared/data`` beside the
+checkout is used when it holds them. What cannot be had raises ``Unavailable``, a one-line reason and fix.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import os
+import urllib.parse
 import urllib.request
 import zipfile
 from collections.abc import Sequence
@@ -31,11 +36,28 @@ DATA_URLS = (
     "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip",
     "https://f001.backblazeb2.com/file/LLMs-from-scratch/sms%2Bspam%2Bcollection.zip",  # the book's mirror
 )
+DATA_PAGE = "https://archive.ics.uci.edu/dataset/228/sms+spam+collection"  # where a user gets it by hand
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "jaxlora" / "sms_spam"
 FILE_NAME = "SMSSpamCollection"
+FILE_SHA256 = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"  # SMSSpamCollection of v.1
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # ../shared/data beside the checkout
+BPE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"  # encoder.json, vocab.bpe
+DOWNLOAD_TIMEOUT = 30.0
 SPLITS = ("train", "validation", "test")
 
 Example = tuple[int, str]  # (label, text): ham 0, spam 1
+
+
+class Unavailable(RuntimeError):
+    """Something the example needs cannot be had here; the message is one line: what, why, and how to get it."""
+
+
+def _short(err: BaseException) -> str:
+    """An exception in a few words, on one line (network errors carry pages of nested reasons)."""
+    text = " ".join(f"{type(err).__name__}: {err}".split())
+    if "Failed to resolve" in text or "Name or service not known" in text or "getaddrinfo" in text:
+        return "offline: the host name cannot be resolved"
+    return text if len(text) <= 140 else text[:137] + "..."
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -88,21 +110,27 @@ def encoding_from_files(encoder_json: str | Path, vocab_bpe: str | Path) -> tikt
 def gpt2_encoding(bpe_dir: str | Path | None = None) -> tiktoken.Encoding:
     """GPT-2's BPE: from ``bpe_dir/{encoder.json,vocab.bpe}`` if given, else ``tiktoken.get_encoding("gpt2")``.
 
-    The latter downloads once, or reads ``TIKTOKEN_CACHE_DIR`` when offline.
+    ``../shared/data/gpt2_bpe`` beside the checkout stands in for ``bpe_dir`` when present. tiktoken downloads
+    once (checking the files' sha256) or reads ``TIKTOKEN_CACHE_DIR``; when it cannot, ``Unavailable`` is raised.
     """
-    if bpe_dir is not None:
-        bpe_dir = Path(bpe_dir)
-        files = [bpe_dir / "encoder.json", bpe_dir / "vocab.bpe"]
-        if not all(f.is_file() for f in files):
-            raise FileNotFoundError(f"{bpe_dir} must hold GPT-2's encoder.json and vocab.bpe.")
-        return encoding_from_files(*files)
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as err:  # no network and no cache
-        raise RuntimeError(
-            "Could not load tiktoken's 'gpt2' encoding (offline?). Set TIKTOKEN_CACHE_DIR to a tiktoken cache "
-            "holding it, or pass the directory of GPT-2's encoder.json + vocab.bpe (--bpe-dir)."
-        ) from err
+    if bpe_dir is None and (SHARED_DATA / "gpt2_bpe" / "vocab.bpe").is_file():
+        bpe_dir = SHARED_DATA / "gpt2_bpe"  # no network needed; the same encoding (a test compares them)
+    if bpe_dir is None:
+        try:
+            return tiktoken.get_encoding("gpt2")
+        except Exception as err:  # no network and no cache
+            raise Unavailable(
+                f"GPT-2's BPE tokenizer: tiktoken could not download it ({_short(err)}) and it is not in "
+                f"tiktoken's cache; get encoder.json and vocab.bpe from {BPE_URL} and pass their folder "
+                "as --bpe-dir (or set TIKTOKEN_CACHE_DIR to a tiktoken cache holding them)"
+            ) from err
+    bpe_dir = Path(bpe_dir)
+    files = [bpe_dir / "encoder.json", bpe_dir / "vocab.bpe"]
+    if not all(f.is_file() for f in files):
+        raise Unavailable(
+            f"GPT-2's BPE tokenizer: {bpe_dir} must hold GPT-2's encoder.json and vocab.bpe (from {BPE_URL})"
+        )
+    return encoding_from_files(*files)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -110,37 +138,49 @@ def gpt2_encoding(bpe_dir: str | Path | None = None) -> tiktoken.Encoding:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _download(destination: Path) -> None:
+def _download(destination: Path, urls: Sequence[str] | None = None, sha256: str | None = None) -> None:
+    """The collection's zip from the first of `urls` that answers; its SMSSpamCollection must match `sha256`."""
+    urls, sha256 = DATA_URLS if urls is None else urls, FILE_SHA256 if sha256 is None else sha256
     errors = []
-    for url in DATA_URLS:
+    for url in urls:
         try:
-            with urllib.request.urlopen(url, timeout=30) as response:
+            with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as response:
                 archive = zipfile.ZipFile(io.BytesIO(response.read()))
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            tmp = destination.with_suffix(".tmp")
-            tmp.write_bytes(archive.read(FILE_NAME))
-            tmp.replace(destination)
-            return
-        except Exception as err:
-            errors.append(f"{url}: {type(err).__name__}: {err}")
-    raise RuntimeError(
-        "Could not download the SMS Spam Collection (" + "; ".join(errors) + "). Download "
-        f"{DATA_URLS[0]} yourself and pass the unzipped {FILE_NAME} file or its directory (--data-dir)."
+            content = archive.read(FILE_NAME)
+            if hashlib.sha256(content).hexdigest() != sha256:
+                raise ValueError(f"its {FILE_NAME} differs from the pinned sha256 (a corrupt or different file)")
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+            errors.append(f"{urllib.parse.urlsplit(url).netloc}: {_short(err)}")
+            continue
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        tmp = destination.with_suffix(".tmp")
+        tmp.write_bytes(content)
+        tmp.replace(destination)
+        return
+    raise Unavailable(
+        f"the SMS Spam Collection: could not download it ({'; '.join(errors)}); download it from {DATA_PAGE}, "
+        f"unzip it and pass the {FILE_NAME} file or its folder as --data-dir"
     )
 
 
 def sms_spam_file(data_dir: str | Path | None = None, download: bool = True) -> Path:
-    """Path of ``SMSSpamCollection``: ``data_dir`` (the file or its folder), else the cache, downloading if needed."""
+    """Path of ``SMSSpamCollection``: ``data_dir`` (the file or its folder), else ``../shared/data/sms_spam``
+    beside the checkout, else the cache, downloading it there if needed."""
     if data_dir is not None:
         path = Path(data_dir).expanduser()
         path = path / FILE_NAME if path.is_dir() else path
         if not path.is_file():
-            raise FileNotFoundError(f"No {FILE_NAME} at {path}; point --data-dir at the unzipped UCI file or folder.")
+            raise Unavailable(
+                f"the SMS Spam Collection: no {FILE_NAME} at {path}; point --data-dir at the unzipped UCI file or "
+                f"its folder (from {DATA_PAGE}), or leave --data-dir out to download it"
+            )
         return path
+    if (SHARED_DATA / "sms_spam" / FILE_NAME).is_file():
+        return SHARED_DATA / "sms_spam" / FILE_NAME
     path = DEFAULT_CACHE / FILE_NAME
     if not path.is_file():
         if not download:
-            raise FileNotFoundError(f"{path} does not exist and download=False.")
+            raise Unavailable(f"the SMS Spam Collection: {path} does not exist and downloading is off")
         _download(path)
     return path
 

@@ -6,7 +6,7 @@ with B = 0 they start as an exact no-op. They then learn a downstream task (is t
 while every base weight stays bitwise frozen, once with the head frozen and once with the head trained
 in full ("modules to save", 13,062 trainable). The adapters merge back into a plain 442,602-parameter
 model with the same outputs, and are saved as an orbax checkpoint (jaxlora.checkpoint) and as a PEFT
-safetensors file (jaxlora.peft), each reloaded into a fresh model in a new Python process.
+safetensors file (jaxlora.peft_format), each reloaded into a fresh model in a new Python process.
 
     python examples/toy_mlp.py            # the walkthrough's sizes
     python examples/toy_mlp.py --quick    # smaller hidden layers, fewer epochs (used by the tests)
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from tqdm.auto import tqdm
+from progress import track
 
 import jaxlora
 from jaxlora import analysis
@@ -106,7 +106,7 @@ def fit(loss_fn, trainable, frozen, tx, x, y, *, key, batch_size, epochs, desc) 
 
     opt_state = tx.init(trainable)
     history = []
-    for _ in tqdm(range(epochs), desc=desc, leave=False, disable=None):
+    for _ in track(range(epochs), desc=desc, unit="epoch"):  # a bar on a terminal, else a line every 5 s
         key, sub = jax.random.split(key)
         trainable, opt_state, loss = run_epoch(trainable, opt_state, frozen, sub)
         history.append(float(loss))

@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
-# Lint and the whole test suite, in a virtual environment set up from nothing.
+# Lint and the test suite, in .venv (set up on first use). By default the fast set; with --all (as .ci/run
+# does) also the tests marked slow: the examples' end-to-end runs, the MNIST build and the benchmark smoke run.
+# Other arguments go to pytest (e.g. a file, -k, -x, or -m "slow" for the slow set alone).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
+select=(-m "not slow")
+if [ "${1:-}" = "--all" ]; then
+  shift
+  select=()
+fi
 .venv/bin/ruff check .
-exec .venv/bin/python -m pytest "$@"
+exec .venv/bin/python -m pytest ${select[@]+"${select[@]}"} "$@"

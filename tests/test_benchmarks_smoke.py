@@ -37,6 +37,7 @@ def smoke_run(tmp_path_factory) -> tuple[dict, Path]:
     return json.loads((out / "latest.json").read_text()), out
 
 
+@pytest.mark.slow
 def test_smoke_run_measures_every_configuration(smoke_run):
     run, _ = smoke_run
     results = run["results"]
@@ -54,6 +55,7 @@ def test_smoke_run_measures_every_configuration(smoke_run):
             assert result["losses"] and all(v == v for v in result["losses"]), name  # no NaN
 
 
+@pytest.mark.slow
 def test_smoke_run_training_paths_agree(smoke_run):
     """Same init and data: the factored, merged-inside-jit and bf16-base runs follow one loss curve.
 
@@ -91,6 +93,7 @@ LORA_STEPS = (
 )
 
 
+@pytest.mark.slow
 def test_smoke_run_flop_counts_match_xla(smoke_run):
     """The analytic model FLOPs are the matmul part of what XLA counts: close to it, and never above it."""
     results = smoke_run[0]["results"]
@@ -104,6 +107,7 @@ def test_smoke_run_flop_counts_match_xla(smoke_run):
     assert merged["model_gflop"] < LORA_MIN_MODEL_SHARE_OF_XLA * merged["xla_gflop"], merged
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_report_and_chart(smoke_run):
     run, out = smoke_run
     markdown = (out / "latest.md").read_text()

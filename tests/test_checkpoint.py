@@ -61,6 +61,7 @@ def _run_python(code: str, *args: str, timeout: float = 240) -> subprocess.Compl
 # Round trips
 
 
+@pytest.mark.slow
 def test_round_trip_in_a_fresh_process(tmp_path):
     model, base, trained, adapters = _setup()
     checkpoint.save_adapter(tmp_path / "adapter", trained, adapters, CONFIG)
@@ -468,6 +469,7 @@ for step in range(start, start + 100_000):
 RANDOM_KILLS = 10
 
 
+@pytest.mark.slow
 def test_every_listed_step_restores_after_kills_at_random_moments_of_saving_and_pruning(tmp_path):
     """SIGKILL a run that saves (async) and prunes (max_to_keep=2) without pause, at random moments, 10 times.
 

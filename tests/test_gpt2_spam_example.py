@@ -10,6 +10,7 @@ from conftest import REPO, SHARED_DATA, require_data, require_module
 
 sys.path.insert(0, str(REPO / "examples"))
 import gpt2_spam
+import spam_data
 
 
 @pytest.fixture
@@ -32,6 +33,7 @@ def _check_outputs(out, metrics):
     assert json.loads((out / "metrics.json").read_text())["accuracy"] == metrics["accuracy"]
 
 
+@pytest.mark.slow
 def test_quick_offline_pretrain(tmp_path, data_args, capsys):
     out = tmp_path / "run"
     metrics = gpt2_spam.main(["--quick", "--out", str(out), *data_args])
@@ -50,6 +52,7 @@ def test_quick_offline_pretrain(tmp_path, data_args, capsys):
     assert again["model"] == metrics["model"]
 
 
+@pytest.mark.slow
 def test_quick_with_local_hugging_face_weights_on_the_reference_split(tmp_path):
     """--weights PATH instead of pretraining, on the published split's CSVs."""
     transformers = require_module("transformers")
@@ -76,8 +79,63 @@ def test_quick_with_local_hugging_face_weights_on_the_reference_split(tmp_path):
 
 
 def test_missing_weights_offline_names_the_flags(tmp_path, data_args):
-    with pytest.raises(FileNotFoundError, match=r"--weights PATH.*--offline-pretrain"):
+    with pytest.raises(gpt2_spam.MissingInputs, match=r"absent does not exist.*--weights PATH.*--offline-pretrain"):
         gpt2_spam.main(["--weights", str(tmp_path / "absent"), "--out", str(tmp_path / "run"), *data_args])
+    assert not (tmp_path / "run").exists()  # nothing is started before the inputs are all there
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path, closed_port_url):
+    """No network and none of the data: downloads refused, empty caches, no ../shared copy."""
+    import huggingface_hub
+    import requests
+    import tiktoken.load
+
+    def refused(*args, **kwargs):
+        raise requests.exceptions.ConnectionError("Failed to resolve 'openaipublic.blob.core.windows.net'")
+
+    monkeypatch.setattr(tiktoken.load, "read_file", refused)
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "tiktoken"))
+    monkeypatch.setattr(spam_data, "SHARED_DATA", tmp_path / "no_shared")
+    monkeypatch.setattr(spam_data, "DEFAULT_CACHE", tmp_path / "cache")
+    monkeypatch.setattr(spam_data, "DATA_URLS", (closed_port_url + "sms.zip",))
+
+    def no_hub(repo_id, **kwargs):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("ConnectError: [Errno -2] Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_hub)
+
+
+def test_offline_without_data_gives_one_line_per_missing_thing(tmp_path, offline, capsys):
+    out = tmp_path / "run"
+    assert gpt2_spam.cli(["--offline-pretrain", "--out", str(out)]) == 1
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 2 and all(line.startswith("error: ") for line in lines), captured.err
+    tokenizer, data = lines
+    assert "GPT-2's BPE tokenizer" in tokenizer and "offline" in tokenizer and "--bpe-dir" in tokenizer
+    assert "SMS Spam Collection" in data and "127.0.0.1" in data and "--data-dir" in data
+    assert "archive.ics.uci.edu" in data  # where to get it
+    assert "Traceback" not in captured.out + captured.err and not out.exists()
+
+    # Asking for the published weights adds a third line, for them.
+    assert gpt2_spam.cli(["--weights", "gpt2", "--out", str(out)]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 3 and lines[2].startswith("error: GPT-2 weights: could not get openai-community/gpt2")
+    assert "offline" in lines[2] and "--offline-pretrain" in lines[2]
+
+
+def test_weights_aliases_name_openai_community_repos(monkeypatch, tmp_path):
+    asked = []
+    monkeypatch.setattr(gpt2_spam, "fetch_hub_weights", lambda repo_id: asked.append(repo_id) or tmp_path)
+    assert gpt2_spam.resolve_weights("gpt2") == str(tmp_path)
+    gpt2_spam.resolve_weights("gpt2-medium")
+    gpt2_spam.resolve_weights("someone/tiny-gpt2")
+    assert asked == ["openai-community/gpt2", "openai-community/gpt2-medium", "someone/tiny-gpt2"]
+    assert gpt2_spam.resolve_weights(str(tmp_path)) == str(tmp_path)  # a local path is used as it is
+    with pytest.raises(spam_data.Unavailable, match="does not exist"):
+        gpt2_spam.resolve_weights(str(tmp_path / "absent.safetensors"))
 
 
 def test_weights_without_config_json_must_match_a_preset(tmp_path):
@@ -89,6 +147,7 @@ def test_weights_without_config_json_must_match_a_preset(tmp_path):
         gpt2_spam.load_pretrained_weights(str(tmp_path))
 
 
+@pytest.mark.slow
 def test_quick_with_scanned_blocks_trains_one_adapter_per_layer(tmp_path, data_args):
     out = tmp_path / "run"
     metrics = gpt2_spam.main(["--quick", "--scan-layers", "--out", str(out), *data_args])

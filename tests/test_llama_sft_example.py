@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 
+@pytest.mark.slow
 def test_quick_offline_run_exports_a_peft_adapter_that_torch_reproduces(tmp_path):
     example = load_example("llama_sft")
     data = require_data(SHARED_DATA / "sms_spam" / "SMSSpamCollection", "SMS Spam Collection")

@@ -29,6 +29,14 @@ def test_rank_two_matrix_is_b_times_a(example, tmp_path):
     assert (tmp_path / "low_rank.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_quick_runs_every_check_without_the_plot(example, tmp_path, capsys):
+    facts = example.run(example.parse_args(["--quick", "--out", str(tmp_path)]))
+    assert facts["factored_equal"] and facts["jaxlora_equal"] and facts["nonzero_singular_values"] == 2
+    assert (facts["full_params"], facts["factored_params"]) == (100, 40)
+    assert facts["plot"] is None and not any(tmp_path.iterdir())
+    assert "plot: skipped (--quick)" in capsys.readouterr().out
+
+
 def test_svd_factors_reproduce_the_matrix(example):
     rng = np.random.default_rng(1)
     w = example.low_rank_matrix(rng, 6, 9, 3)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, require_module
+from conftest import REPO, SHARED_DATA, require_data, require_module
 
 sys.path.insert(0, str(REPO / "examples"))
 import mnist_data
@@ -114,29 +116,123 @@ def test_missing_mnist_without_download_says_how_to_get_it(tmp_path):
     with pytest.raises(mnist_data.DataUnavailable) as info:
         mnist_data.load_mnist(str(tmp_path), download=False)
     message = str(info.value)
-    assert str(tmp_path) in message
-    assert "--dataset digits" in message and "TensorFlow" in message and "array_record" in message
+    assert str(tmp_path) in message and "not found" in message
+    assert "--mnist-raw-dir" in message and "array_record" in message and "internet" in message
+    assert "TensorFlow" not in message.replace("no TensorFlow", "")  # nothing to install by hand any more
 
 
-def test_failed_download_is_explained(tmp_path, monkeypatch):
-    def offline(self, *args, **kwargs):
-        raise ConnectionError("no route to host")
+def _idx(array: np.ndarray) -> bytes:
+    """An IDX file of unsigned bytes (MNIST's format), gzipped."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    return gzip.compress(header + array.astype(np.uint8).tobytes())
 
-    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
-    with pytest.raises(mnist_data.DataUnavailable, match="no route to host") as info:
-        mnist_data.load_mnist(str(tmp_path), download=True, raw_dir=str(tmp_path / "raw"))
-    assert "TensorFlow" in str(info.value) and "--mnist-raw-dir" in str(info.value)
+
+@pytest.fixture
+def tiny_raw(tmp_path, monkeypatch):
+    """Four small raw MNIST-format files (12 train, 5 test images of 28x28), pinned in place of the real sums."""
+    rng = np.random.default_rng(3)
+    arrays = {
+        "train": (rng.integers(0, 256, (12, 28, 28), dtype=np.uint8), rng.integers(0, 10, 12, dtype=np.uint8)),
+        "test": (rng.integers(0, 256, (5, 28, 28), dtype=np.uint8), rng.integers(0, 10, 5, dtype=np.uint8)),
+    }
+    contents = {}
+    for split, (images_file, labels_file) in mnist_data.SPLIT_FILES.items():
+        contents[images_file], contents[labels_file] = _idx(arrays[split][0]), _idx(arrays[split][1])
+    pinned = {name: (len(data), hashlib.sha256(data).hexdigest()) for name, data in contents.items()}
+    monkeypatch.setattr(mnist_data, "RAW_FILES", pinned)
+    return contents, arrays
+
+
+def test_read_idx_round_trip_and_rejects_other_files(tmp_path):
+    array = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    (tmp_path / "a.gz").write_bytes(_idx(array))
+    np.testing.assert_array_equal(mnist_data.read_idx(tmp_path / "a.gz"), array)
+    (tmp_path / "b.gz").write_bytes(gzip.compress(b"PK\x03\x04 not an idx file"))
+    with pytest.raises(ValueError, match="not an IDX file"):
+        mnist_data.read_idx(tmp_path / "b.gz")
+
+
+def test_download_verify_and_build_without_tensorflow(tmp_path, tiny_raw, local_server, closed_port_url, capsys):
+    """Offline first mirror, then a mirror serving the files: downloaded, verified, built, read by tfds."""
+    contents, arrays = tiny_raw
+    served, url = local_server
+    for name, data in contents.items():
+        (served / name).write_bytes(data)
+    data_dir = tmp_path / "tfds"
+    raw = mnist_data.download_raw_files(data_dir / "downloads" / "mnist_raw", urls=(closed_port_url, url))
+    assert sorted(p.name for p in raw.iterdir()) == sorted(contents)  # no .part file left behind
+    lines = []
+    data = mnist_data.load_mnist(str(data_dir), download=False, raw_dir=str(raw), log=lines.append)
+    assert "building MNIST" in lines[-1]
+    for split in ("train", "test"):
+        images, labels = arrays[split]
+        got = getattr(data, split)
+        # tfds shuffles the records by key (as in its own copy): the same examples, image with label, reordered
+        want = sorted((im.tobytes(), int(lb)) for im, lb in zip(mnist_data.normalise(images), labels, strict=True))
+        have = sorted((im.tobytes(), int(lb)) for im, lb in zip(got.images, got.labels, strict=True))
+        assert have == want and got.labels.dtype == np.int32
+    assert (data_dir / "mnist" / "3.0.1" / "dataset_info.json").is_file()
+    assert "Downloading and preparing" not in capsys.readouterr().out  # tfds' own chatter stays silent
+
+
+def test_download_rejects_a_file_with_the_wrong_checksum(tmp_path, tiny_raw, local_server):
+    contents, _ = tiny_raw
+    served, url = local_server
+    for name, data in contents.items():
+        (served / name).write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one bit flipped in each
+    with pytest.raises(mnist_data.DataUnavailable, match="differs from the pinned one") as info:
+        mnist_data.download_raw_files(tmp_path / "raw", urls=(url,))
+    assert "offline" not in info.value.reason
+    assert not any((tmp_path / "raw").iterdir())  # the bad download is not kept
+
+
+def test_raw_dir_with_a_missing_or_bad_file_is_named(tmp_path, tiny_raw):
+    contents, _ = tiny_raw
+    for name, data in contents.items():
+        (tmp_path / name).write_bytes(data)
+    mnist_data.check_raw_files(tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(b"junk")
+    with pytest.raises(mnist_data.DataUnavailable, match=r"t10k-labels-idx1-ubyte\.gz in .* fail"):
+        mnist_data.check_raw_files(tmp_path)
+    (tmp_path / "train-images-idx3-ubyte.gz").unlink()
+    with pytest.raises(mnist_data.DataUnavailable, match=r"lacks the raw MNIST file.*train-images-idx3-ubyte\.gz"):
+        mnist_data.check_raw_files(tmp_path)
+
+
+def test_offline_falls_back_to_digits_in_one_line(tmp_path, monkeypatch, closed_port_url, capsys):
+    """What a user without internet sees: one line saying why (offline) and how to get MNIST, no traceback."""
+    monkeypatch.setattr(mnist_data, "RAW_URLS", (closed_port_url,))
+    lines = []
+    data = mnist_data.load("auto", str(tmp_path / "tfds"), download=True, log=lines.append)
+    assert data.name == "digits"
+    fallback = [line for line in lines if "8x8 digits" in line]
+    assert lines == fallback and len(fallback) == 1 and "\n" not in fallback[0]  # that line and nothing else
+    assert fallback[0].startswith("no MNIST (offline: could not download train-images-idx3-ubyte.gz")
+    assert "To get MNIST: run once with internet" in fallback[0] and "--mnist-raw-dir" in fallback[0]
+    assert "Traceback" not in capsys.readouterr().out
 
 
 def test_auto_falls_back_to_digits_in_one_line(tmp_path):
     lines = []
     data = mnist_data.load("auto", str(tmp_path), download=False, log=lines.append)
     assert data.name == "digits"
-    assert len(lines) == 1 and "\n" not in lines[0] and "8x8 digits" in lines[0]
+    assert len(lines) == 1 and "\n" not in lines[0] and "8x8 digits" in lines[0] and "not found" in lines[0]
     with pytest.raises(mnist_data.DataUnavailable):
         mnist_data.load("mnist", str(tmp_path), download=False)
     with pytest.raises(ValueError, match="'auto', 'mnist' or 'digits'"):
         mnist_data.load("cifar")
+
+
+@pytest.mark.slow
+def test_build_from_the_real_raw_files_equals_tfds_own_copy(tmp_path):
+    """The TF-free build from the four official files gives tfds' own prepared MNIST, record for record."""
+    raw = require_data(SHARED_DATA / "mnist", "the four raw MNIST files")
+    reference = require_data(SHARED_DATA / "tfds" / "mnist" / "3.0.1", "MNIST in tfds array_record format")
+    built = mnist_data.load_mnist(str(tmp_path), download=False, raw_dir=str(raw), log=lambda line: None)
+    theirs = mnist_data.load_mnist(str(reference.parents[1]), download=False)
+    for split in ("train", "test"):
+        np.testing.assert_array_equal(getattr(built, split).images, getattr(theirs, split).images)
+        np.testing.assert_array_equal(getattr(built, split).labels, getattr(theirs, split).labels)
 
 
 def test_digits_split_and_normalisation():

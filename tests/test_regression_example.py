@@ -20,17 +20,20 @@ def facts(example, tmp_path_factory):
     return example.run(example.parse_args(["--quick", "--out", str(out)]))
 
 
+@pytest.mark.slow
 def test_pretraining_fits_and_the_shift_costs_about_d_in(facts):
     d_in = facts["sizes"]["d_in"]
     assert facts["pretrain_loss"] < 0.05
     assert 0.5 * d_in < facts["base_loss_new"] < 2.0 * d_in
 
 
+@pytest.mark.slow
 def test_lora_leaves_the_base_untouched(facts):
     assert facts["base_unchanged"]
     assert facts["base_loss_new_after"] == facts["base_loss_new"]
 
 
+@pytest.mark.slow
 def test_rank_one_lora_recovers_the_shift_and_merges(facts):
     history = [loss for _, loss in facts["lora_history"]]
     assert history[-1] < history[0]
@@ -41,6 +44,7 @@ def test_rank_one_lora_recovers_the_shift_and_merges(facts):
     np.testing.assert_allclose(facts["merged_loss"], facts["lora_loss"], rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_analysis_figures(facts):
     assert set(facts["amplification"]) == {"Dense_0/kernel", "Dense_1/kernel"}
     assert all(np.isfinite(v) and v > 0 for v in facts["amplification"].values())

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import sys
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -45,7 +48,7 @@ def test_mismatched_bpe_files_are_rejected(tmp_path):
     (tmp_path / "encoder.json").write_bytes((bpe / "encoder.json").read_bytes())
     with pytest.raises(ValueError, match="disagree"):
         spam_data.gpt2_encoding(tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"encoder\.json and vocab\.bpe"):
+    with pytest.raises(spam_data.Unavailable, match=r"nowhere must hold GPT-2's encoder\.json and vocab\.bpe"):
         spam_data.gpt2_encoding(tmp_path / "nowhere")
 
 
@@ -118,10 +121,53 @@ def test_bad_inputs_name_the_fix(tmp_path):
     (tmp_path / "SMSSpamCollection").write_text("ham\tfine\nspma\ttypo\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"SMSSpamCollection:2"):
         spam_data.read_sms_spam(tmp_path / "SMSSpamCollection")
-    with pytest.raises(FileNotFoundError, match="--data-dir"):
+    with pytest.raises(spam_data.Unavailable, match=r"no SMSSpamCollection at .*missing.*--data-dir"):
         spam_data.sms_spam_file(tmp_path / "missing")
     (tmp_path / "train.csv").write_text("label,text\n0,hi\n", encoding="utf-8")
     (tmp_path / "validation.csv").write_text("Label,Text\n", encoding="utf-8")
     (tmp_path / "test.csv").write_text("Label,Text\n", encoding="utf-8")
     with pytest.raises(ValueError, match="Label,Text"):
         spam_data.read_reference_split(tmp_path)
+
+
+def _zipped(content: bytes) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("readme", "the SMS Spam Collection v.1")
+        archive.writestr(spam_data.FILE_NAME, content)
+    return buffer.getvalue()
+
+
+def test_download_checks_the_pinned_checksum(tmp_path, local_server, closed_port_url):
+    """The real collection, zipped as UCI serves it, from a local server after an unreachable mirror."""
+    real = require_data(SMS / "SMSSpamCollection", "SMS Spam Collection").read_bytes()
+    served, url = local_server
+    (served / "good.zip").write_bytes(_zipped(real))
+    (served / "bad.zip").write_bytes(_zipped(real.replace(b"ham\t", b"spam\t", 1)))
+    target = tmp_path / "cache" / "SMSSpamCollection"
+    spam_data._download(target, urls=[closed_port_url + "x.zip", url + "bad.zip", url + "good.zip"])
+    assert target.read_bytes() == real
+    with pytest.raises(spam_data.Unavailable) as info:
+        spam_data._download(tmp_path / "other" / "SMSSpamCollection", urls=[url + "bad.zip", url + "absent.zip"])
+    message = str(info.value)
+    assert "\n" not in message and "differs from the pinned sha256" in message and "HTTPError" in message
+    assert "--data-dir" in message and spam_data.DATA_PAGE in message
+    assert not (tmp_path / "other").exists()
+
+
+def test_offline_tokenizer_is_one_line_with_the_fix(monkeypatch, tmp_path):
+    """tiktoken offline (its download refused, no cache) and no shared copy: one line naming --bpe-dir."""
+    import requests
+    import tiktoken.load
+
+    def refused(*args, **kwargs):
+        raise requests.exceptions.ConnectionError("Failed to resolve 'openaipublic.blob.core.windows.net'")
+
+    monkeypatch.setattr(tiktoken.load, "read_file", refused)  # the download; the cache below is empty
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(spam_data, "SHARED_DATA", Path("/nonexistent"))
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})  # no encoding built earlier in this process
+    with pytest.raises(spam_data.Unavailable) as info:
+        spam_data.gpt2_encoding()
+    message = str(info.value)
+    assert "\n" not in message and "offline" in message and "--bpe-dir" in message and spam_data.BPE_URL in message

@@ -37,6 +37,7 @@ def test_full_size_counts_match_the_walkthrough(example):
     assert jaxlora.plan(params, with_head).num_trainable == 13_062
 
 
+@pytest.mark.slow
 def test_quick_counts(facts):
     f, (h0, h1) = facts["sizes"]["features"], facts["sizes"]["hidden"]
     assert facts["base_params"] == f * h0 + h0 + h0 * h1 + h1 + h1 * 2 + 2
@@ -45,6 +46,7 @@ def test_quick_counts(facts):
     assert facts["head_trainable"] == facts["lora_params"] + h1 * 2 + 2
 
 
+@pytest.mark.slow
 def test_adapters_start_as_a_no_op(facts):
     assert facts["update_zero_at_init"]
     np.testing.assert_allclose(facts["adapted_loss_at_init"], facts["pretrained_loss"], rtol=1e-6)
@@ -52,6 +54,7 @@ def test_adapters_start_as_a_no_op(facts):
     assert 0.7 * facts["pretrained_loss"] < facts["same_task_loss"] < 1.05 * facts["pretrained_loss"]
 
 
+@pytest.mark.slow
 def test_downstream_training_learns_and_freezes_the_base(facts):
     for history in (facts["downstream_lora_history"], facts["downstream_head_history"]):
         assert history[-1] < history[0]
@@ -59,12 +62,14 @@ def test_downstream_training_learns_and_freezes_the_base(facts):
     assert facts["base_unchanged"] and facts["frozen_unchanged"]
 
 
+@pytest.mark.slow
 def test_merge_gives_a_plain_model_with_the_same_outputs(facts):
     assert facts["merged_params"] == facts["base_params"]
     assert facts["merged_same_structure"]
     assert facts["merged_max_diff"] < 1e-5
 
 
+@pytest.mark.slow
 def test_reload_in_a_new_process(facts):
     assert set(facts["reload"]) == {"orbax checkpoint", "PEFT file"}
     for diff in facts["reload"].values():
@@ -73,6 +78,7 @@ def test_reload_in_a_new_process(facts):
     assert 4 * facts["head_trainable"] <= facts["peft_file_bytes"] <= 4 * facts["head_trainable"] + 4096
 
 
+@pytest.mark.slow
 def test_analysis_figures(facts):
     assert set(facts["amplification"]) == {"Dense_0/kernel", "Dense_1/kernel"}
     assert all(np.isfinite(v) and v > 0 for v in facts["amplification"].values())
