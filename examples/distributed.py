@@ -105,11 +105,10 @@ def make_mesh(model_parallel: int = 1) -> Mesh:
     return Mesh(devices.reshape(-1, model_parallel), ("data", "model"))
 
 
-def dataset(steps: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
-    """`steps` batches of synthetic features and labels from a fixed random teacher (the same on every process)."""
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(steps, batch, FEATURES)).astype(np.float32)
-    teacher = rng.normal(size=(FEATURES, CLASSES)).astype(np.float32)
+def batch_at(step: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """The `step`-th batch of synthetic features and labels from a fixed random teacher (the same everywhere)."""
+    teacher = np.random.default_rng(0).normal(size=(FEATURES, CLASSES)).astype(np.float32)
+    x = np.random.default_rng(1 + step).normal(size=(batch, FEATURES)).astype(np.float32)
     return x, np.argmax(np.tanh(x) @ teacher, axis=-1).astype(np.int32)
 
 
@@ -136,6 +135,10 @@ def base_and_adapters(mesh: Mesh, seed: int = 0) -> tuple[Any, dict, jaxlora.Pla
     return params, adapters, plan, param_shardings
 
 
+def optimizer(plan: jaxlora.Plan) -> optax.GradientTransformation:
+    return jaxlora.optimizer(optax.adam(1e-2), plan)
+
+
 def make_step(plan: jaxlora.Plan, tx: optax.GradientTransformation):
     model = Model()
 
@@ -155,16 +158,16 @@ def make_step(plan: jaxlora.Plan, tx: optax.GradientTransformation):
 
 def train(mesh: Mesh, params, adapters, plan, steps: int, batch: int, first_step: int = 0, opt_state=None):
     """Runs steps `first_step` ... `steps - 1`; returns (trainable, frozen, opt_state, losses, seconds per step)."""
-    tx = jaxlora.optimizer(optax.adam(1e-2), plan)
+    tx = optimizer(plan)
     trainable, frozen = jaxlora.partition(params, adapters, plan)
     opt_state = tx.init(trainable) if opt_state is None else opt_state
     step = make_step(plan, tx)
-    xs, ys = dataset(steps, batch)
     rows = local_rows(NamedSharding(mesh, P("data")), (batch,))
     losses, seconds = [], []
     for i in range(first_step, steps):
-        x = global_batch(mesh, xs[i, rows], (batch, FEATURES))
-        y = global_batch(mesh, ys[i, rows], (batch,))
+        xs, ys = batch_at(i, batch)  # a real loader would read only this process's rows
+        x = global_batch(mesh, xs[rows], (batch, FEATURES))
+        y = global_batch(mesh, ys[rows], (batch,))
         start = time.perf_counter()
         trainable, opt_state, loss = step(trainable, frozen, opt_state, x, y)
         losses.append(float(loss))  # waits for the step
@@ -172,8 +175,11 @@ def train(mesh: Mesh, params, adapters, plan, steps: int, batch: int, first_step
     return trainable, frozen, opt_state, losses, seconds
 
 
-def run(out: Path, steps: int, batch: int, model_parallel: int) -> dict[str, Any]:
-    """Trains on every process, writes the adapter, a training checkpoint and a PEFT export under `out`."""
+def run(out: Path, steps: int, batch: int, model_parallel: int) -> tuple[dict[str, Any], Any]:
+    """Trains on every process, writes the adapter, a training checkpoint and a PEFT export under `out`.
+
+    Returns the run's summary and the trained params (the base, with the head trained in full).
+    """
     mesh = make_mesh(model_parallel)
     params, adapters, plan, _ = base_and_adapters(mesh)
     trainable, frozen, opt_state, losses, seconds = train(mesh, params, adapters, plan, steps, batch)
@@ -192,7 +198,7 @@ def run(out: Path, steps: int, batch: int, model_parallel: int) -> dict[str, Any
     }
     if jax.process_index() == 0:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return summary, params
 
 
 def free_port() -> int:
@@ -201,8 +207,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_local(argv: list[str], processes: int, devices_per_process: int, timeout: float) -> int:
-    """Starts this script `processes` times on this machine, as one job; kills them all if one fails."""
+def launch_local(script: str, argv: list[str], processes: int, devices_per_process: int, timeout: float) -> int:
+    """Runs `script` in `processes` processes on this machine, as one job (CPU devices, a free local port).
+
+    Returns their exit status (0 when all succeeded); if one fails or `timeout` seconds pass, all are killed.
+    """
     port = free_port()
     children = []
     for i in range(processes):
@@ -214,7 +223,7 @@ def launch_local(argv: list[str], processes: int, devices_per_process: int, time
             JAX_PLATFORMS="cpu",
             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
         )
-        children.append(subprocess.Popen([sys.executable, __file__, *argv], env=env))
+        children.append(subprocess.Popen([sys.executable, script, *argv], env=env))
     deadline = time.monotonic() + timeout
     try:
         while any(c.poll() is None for c in children):
@@ -258,11 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.local_processes:
-        return launch_local(
-            _without(argv, "--local-processes"), args.local_processes, args.devices_per_process, args.timeout
-        )
+        rest = _without(argv, "--local-processes")
+        return launch_local(__file__, rest, args.local_processes, args.devices_per_process, args.timeout)
     start_distributed()
-    summary = run(args.out.absolute(), args.steps, args.batch, args.model_parallel)
+    summary, _ = run(args.out.absolute(), args.steps, args.batch, args.model_parallel)
     if jax.process_index() == 0:
         print(json.dumps(summary))
     return 0

@@ -120,15 +120,25 @@ def _adapter_placement(shardings: Shardings, plan: Plan) -> tuple[Callable[[str]
             )
         return flat[path]
 
+    first = next(iter(flat.values()), None)
+    if isinstance(first, jax.sharding.NamedSharding):  # other leaves go replicated on the adapters' mesh
+        return adapter_sharding, jax.sharding.NamedSharding(first.mesh, jax.sharding.PartitionSpec())
     return adapter_sharding, multihost.replicated_everywhere()
 
 
-def _as_restore_target(tree: PyTree, sharding: jax.sharding.Sharding) -> PyTree:
-    """ShapeDtypeStructs (with a sharding, which orbax needs) for a template of arrays or abstract values."""
+def _as_restore_target(tree: PyTree, sharding: jax.sharding.Sharding, strict: bool = False) -> PyTree:
+    """ShapeDtypeStructs (with a sharding, which orbax needs) for a template of arrays or abstract values.
+
+    A leaf goes where the template's is, else to `sharding`; with `strict`, also when the template's lies on
+    other devices than `sharding` (``tx.init`` puts scalars such as Adam's step count on one device).
+    """
 
     def abstract(leaf):
         dtype = getattr(leaf, "dtype", None) or np.result_type(leaf)  # Python scalars have none
-        return jax.ShapeDtypeStruct(np.shape(leaf), dtype, sharding=getattr(leaf, "sharding", None) or sharding)
+        where = getattr(leaf, "sharding", None)
+        if where is None or (strict and where.device_set != sharding.device_set):
+            where = sharding
+        return jax.ShapeDtypeStruct(np.shape(leaf), dtype, sharding=where)
 
     return jax.tree.map(abstract, tree)
 
@@ -161,8 +171,8 @@ def restore_arrays(
     """Restores adapters, saved leaves (into `params`) and any templated items, with the checkpoint's dtypes.
 
     Adapters go where `shardings` says; saved leaves where their leaf in `params` is (when it is a jax.Array);
-    templated items where their template's leaves are; anything else replicated (`replicated_everywhere`), or
-    on `shardings` when it is one Sharding.
+    templated items where their template's leaves are (when on the adapters' devices); anything else replicated
+    on the adapters' mesh, on `shardings` when it is one Sharding, or by default `replicated_everywhere`.
     """
     adapter_sharding, fallback = _adapter_placement(shardings, plan)
     base = {path: getattr(leaf, "sharding", None) for path, leaf in leaves_with_paths(params)}
@@ -171,7 +181,7 @@ def restore_arrays(
         saved_at = lambda path: base.get(path) or fallback
         items["saved"] = ocp.args.StandardRestore(_abstract(meta["base"]["saved"], saved_at))
     for name, template in templates.items():
-        items[name] = ocp.args.StandardRestore(_as_restore_target(template, fallback))
+        items[name] = ocp.args.StandardRestore(_as_restore_target(template, fallback, shardings is not None))
     out = restore(ocp.args.Composite(**items))
     if "saved" in items:
         params = _with_saved(params, out["saved"])

@@ -135,7 +135,8 @@ def restore_training(
       manager: from `checkpoint_manager`.
       params: the base model (checked against the checkpoint's fingerprint).
       opt_state: a template of the optimizer state (e.g. ``tx.init(trainable)`` or its ``jax.eval_shape``);
-        its leaves are restored where the template's are (so a sharded ``tx.init(trainable)`` restores sharded).
+        its leaves are restored where the template's are (so a sharded ``tx.init(trainable)`` restores sharded;
+        with `shardings`, leaves on other devices, such as a step count, go replicated on the adapters' mesh).
       step: which step (default: the latest).
       check_content: also check the values of the adapted base leaves against the checkpoint's checksums.
       shardings: where to put the adapters, as in `jaxlora.checkpoint.load_adapter` (any number of devices and
