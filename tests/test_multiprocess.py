@@ -180,3 +180,23 @@ def test_training_checkpoint_resumes_across_process_counts(runs):
     assert state.step == worker.STEPS
     _assert_close(state.adapters, reference["adapters"], rtol=1e-4, atol=1e-6)
     _assert_close(state.opt_state, reference["opt_state"], rtol=1e-4, atol=1e-6)
+
+
+def test_shardings_argument_places_adapters_or_names_what_is_wrong(tmp_path):
+    """In one process: one Sharding for all, a tree, a function of the plan; a tree missing a leaf is refused."""
+    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
+    params, adapters, plan, param_shardings = ex.base_and_adapters(mesh)
+    lora_checkpoint.save_adapter(tmp_path / "adapter", params, adapters, plan)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    _, restored, _ = lora_checkpoint.load_adapter(tmp_path / "adapter", params, shardings=device)
+    assert all(leaf.sharding == device for leaf in jax.tree.leaves(restored))
+    tree = jaxlora.adapter_shardings(plan, param_shardings)
+    for given in (tree, lambda p: jaxlora.adapter_shardings(p, param_shardings)):
+        _, restored, _ = lora_checkpoint.load_adapter(tmp_path / "adapter", params, shardings=given)
+        assert worker.placed_as(restored, tree)
+        _assert_close(restored, adapters, rtol=0, atol=0)
+    del tree["layers"]["up"]["kernel"]["lora_b"]
+    with pytest.raises(ValueError, match=r"no entry for the adapter leaf 'layers/up/kernel/lora_b'"):
+        lora_checkpoint.load_adapter(tmp_path / "adapter", params, shardings=tree)
+    with pytest.raises(TypeError, match=r"shardings must be a jax.sharding.Sharding.*got list"):
+        lora_checkpoint.load_adapter(tmp_path / "adapter", params, shardings=[device])
