@@ -13,8 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from jaxlora._src.atomic_files import atomic_directory
+from jaxlora._src.atomic_files import shared_atomic_directory
 from jaxlora._src.config import LoraConfig
+from jaxlora._src.multihost import host_array, is_primary
 from jaxlora._src.name_maps import NameMap, module_table, to_torch, torch_module, torch_param
 from jaxlora._src.paths import PyTree, leaves_with_paths
 from jaxlora._src.peft_keys import CONFIG_NAME, MAGNITUDE_KEY, PREFIX, WEIGHTS_NAME
@@ -141,6 +142,7 @@ def _saved_tensors(plan: Plan, params: PyTree, torch_name: TorchName, names: lis
             )
         saved_modules.append(name)
         for leaf_name, value in _leaves_of(module_path, values).items():
+            value = host_array(value)  # gathered when sharded across processes
             tensors[f"{PREFIX}{name}.{torch_param(leaf_name, layout)}"] = to_torch(value, leaf_name, layout)
         clash = [m for m in names if m != name and m.endswith(name)]
         if clash:
@@ -190,6 +192,10 @@ def save_peft(
       task_type: PEFT's task type ("CAUSAL_LM", "SEQ_CLS", ...).
       overwrite: replace an existing directory.
 
+    In a multi-process run (``jax.distributed``) every process calls it with the same arguments: the
+    adapters (and saved leaves) are gathered from their shards, and process 0 writes the files once, on a
+    file system the processes share.
+
     Returns:
       The absolute path written.
 
@@ -214,6 +220,7 @@ def save_peft(
             "weights a PEFT user loads them onto; merge them (jaxlora.merge) and export the merged model instead"
         )
     pairs = resolved.check_adapters(adapters)
+    pairs = {path: {name: host_array(x) for name, x in pair.items()} for path, pair in pairs.items()}
     modules = module_table(resolved.shapes, name_map)
     names = list(modules)
     by_path = {m.path: (name, m.layout) for name, m in modules.items() if m.layer is None}
@@ -228,10 +235,11 @@ def save_peft(
         resolved.config, entries, saved_modules, task_type=task_type, base_model_name_or_path=base_model_name_or_path
     )
     directory = Path(directory).expanduser().absolute()
-    with atomic_directory(directory, overwrite) as tmp:
-        tmp.mkdir()
-        write_tensors(tmp / WEIGHTS_NAME, {**tensors, **saved})
-        (tmp / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
+    with shared_atomic_directory(directory, overwrite) as tmp:
+        if is_primary():
+            tmp.mkdir()
+            write_tensors(tmp / WEIGHTS_NAME, {**tensors, **saved})
+            (tmp / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
     return directory
 
 

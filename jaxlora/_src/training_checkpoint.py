@@ -11,7 +11,8 @@ from typing import Any, NamedTuple
 
 import orbax.checkpoint as ocp
 
-from jaxlora._src.adapter_checkpoint import read_metadata, restore_arrays, save_args
+from jaxlora._src import multihost
+from jaxlora._src.adapter_checkpoint import Shardings, read_metadata, restore_arrays, save_args
 from jaxlora._src.config import LoraConfig
 from jaxlora._src.fingerprints import check_fingerprint
 from jaxlora._src.paths import PyTree
@@ -62,6 +63,9 @@ def checkpoint_manager(
       max_to_keep: how many of the latest steps to keep (None: all).
       async_save: write in a background thread.
 
+    In a multi-process run (``jax.distributed``) every process creates it, on a file system they share, and
+    calls `save_training` and `restore_training` with it in the same order.
+
     Returns:
       An `orbax.checkpoint.CheckpointManager` for `save_training` / `restore_training`.
 
@@ -73,8 +77,9 @@ def checkpoint_manager(
       >>> manager.close()
     """
     directory = Path(directory).expanduser().absolute()
-    if directory.is_dir():  # orbax's own cleanup of half-written steps runs in the background; this runs first
+    if directory.is_dir() and multihost.is_primary():  # before orbax's own cleanup, which runs in the background
         _remove_leftovers(directory)
+    multihost.sync(f"jaxlora: checkpoint_manager {directory}")
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save, todelete_subdir=PRUNED
     )
@@ -110,7 +115,8 @@ def save_training(
     """
     args = save_args(params, adapters, resolve(params, plan), True, opt_state=opt_state)
     manager.wait_until_finished()  # the previous save (and its pruning) is done: what it pruned can go
-    shutil.rmtree(Path(manager.directory) / PRUNED, ignore_errors=True)
+    if multihost.is_primary():
+        shutil.rmtree(Path(manager.directory) / PRUNED, ignore_errors=True)
     return manager.save(int(step), args=args, force=force)
 
 
@@ -121,15 +127,20 @@ def restore_training(
     *,
     step: int | None = None,
     check_content: bool = True,
+    shardings: Shardings = None,
 ) -> TrainingState | None:
     """The checkpoint at `step` (default: the latest), or None when the manager holds none.
 
     Args:
       manager: from `checkpoint_manager`.
       params: the base model (checked against the checkpoint's fingerprint).
-      opt_state: a template of the optimizer state (e.g. ``tx.init(trainable)`` or its ``jax.eval_shape``).
+      opt_state: a template of the optimizer state (e.g. ``tx.init(trainable)`` or its ``jax.eval_shape``);
+        its leaves are restored where the template's are (so a sharded ``tx.init(trainable)`` restores sharded;
+        with `shardings`, leaves on other devices, such as a step count, go replicated on the adapters' mesh).
       step: which step (default: the latest).
       check_content: also check the values of the adapted base leaves against the checkpoint's checksums.
+      shardings: where to put the adapters, as in `jaxlora.checkpoint.load_adapter` (any number of devices and
+        processes may restore what any other number saved).
 
     Returns:
       A `TrainingState(step, params, adapters, opt_state, plan)`, or None when there is no checkpoint.
@@ -162,7 +173,7 @@ def restore_training(
     meta, config = read_metadata(restore(ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"], source)
     resolved = make_plan(params, config, allow_excess_rank=True)  # as saved: never refuse
     check_fingerprint(meta["base"], resolved, source, params if check_content else None)
-    params, adapters, rest = restore_arrays(restore, meta, params, opt_state=opt_state)
+    params, adapters, rest = restore_arrays(restore, meta, params, resolved, shardings, opt_state=opt_state)
     return TrainingState(step=int(step), params=params, adapters=adapters, opt_state=rest["opt_state"], plan=resolved)
 
 
