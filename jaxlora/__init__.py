@@ -9,6 +9,7 @@ import warnings as _warnings
 from jaxlora import analysis, checkpoint, layers, loraplus, name_maps, peft_format, quantization
 from jaxlora._src.builtin_layers import register_builtin_layers as _register_builtin_layers
 from jaxlora._src.builtin_nnx_layers import register_builtin_nnx_layers as _register_builtin_nnx_layers
+from jaxlora._src.combinations import weighted_cat, weighted_linear, weighted_svd
 from jaxlora._src.config import ALL_EMBEDDINGS, ALL_KERNELS, LoraConfig
 from jaxlora._src.finiteness import all_finite, nonfinite_paths
 from jaxlora._src.immutable import FrozenMapping
@@ -66,6 +67,9 @@ __all__ = [
     "summary",
     "unmerge",
     "unregister_layer",
+    "weighted_cat",
+    "weighted_linear",
+    "weighted_svd",
 ]
 
 
