@@ -7,6 +7,7 @@ hand it to the other functions.
 import warnings as _warnings
 
 from jaxlora import analysis, checkpoint, layers, loraplus, name_maps, peft_format, quantization
+from jaxlora._src.adapter_bank import BASE_MODEL, AdapterBank, adapter_bank, apply_bank
 from jaxlora._src.builtin_layers import register_builtin_layers as _register_builtin_layers
 from jaxlora._src.builtin_nnx_layers import register_builtin_nnx_layers as _register_builtin_nnx_layers
 from jaxlora._src.combinations import weighted_cat, weighted_linear, weighted_svd
@@ -32,16 +33,20 @@ __version__ = "0.2.0"
 __all__ = [
     "ALL_EMBEDDINGS",
     "ALL_KERNELS",
+    "BASE_MODEL",
     "DROPOUT_RNG",
+    "AdapterBank",
     "FrozenMapping",
     "LeafPlan",
     "LoraConfig",
     "Plan",
+    "adapter_bank",
     "adapter_shardings",
     "adapter_specs",
     "all_finite",
     "analysis",
     "apply",
+    "apply_bank",
     "apply_fn",
     "apply_nnx",
     "apply_nnx_fn",

@@ -201,3 +201,227 @@ def test_combining_bad_input_is_refused_with_the_fix():
         jaxlora.weighted_cat([dora], [1.0])
     with pytest.raises(ValueError, match="targets must be"):
         jaxlora.weighted_cat([e0], [1.0], targets="all")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Adapter banks: mixed-adapter batches
+
+
+class Tower(nn.Module):
+    """Embed lookup, a DenseGeneral to heads and back, a Dense, and the tied attend: the kinds a bank serves."""
+
+    @nn.compact
+    def __call__(self, tokens):
+        embed = nn.Embed(32, 12, name="embed")
+        x = embed(tokens)  # (b, t, 12)
+        x = nn.DenseGeneral((3, 4), name="heads")(x)  # (b, t, 3, 4)
+        x = nn.DenseGeneral(12, axis=(-2, -1), name="merge_heads")(nn.relu(x))  # (b, t, 12)
+        x = nn.Dense(12, name="dense")(x)
+        return embed.attend(x)
+
+
+def _tower():
+    model = Tower()
+    tokens = jax.random.randint(jax.random.key(4), (6, 5), 0, 32)
+    params = model.init(jax.random.key(0), tokens)["params"]
+    heads = {"heads/kernel": 1}  # DenseGeneral (12,) -> (3, 4)
+    configs = [
+        jaxlora.LoraConfig(rank=2, alpha=4.0, targets=(jaxlora.ALL_KERNELS, jaxlora.ALL_EMBEDDINGS), fan_in_ndim=heads),
+        jaxlora.LoraConfig(rank=4, alpha=2.0, targets=(r"heads/kernel", r"dense/kernel"), fan_in_ndim=heads),
+        jaxlora.LoraConfig(rank=1, alpha=3.0, targets=(r"embed/embedding", r"merge_heads/kernel")),
+    ]
+    entries = [_trained(params, c, 10 + i) for i, c in enumerate(configs)]
+    return model, tokens, params, entries
+
+
+def _rowwise(model, params, entries, ids, *args):
+    """Each row run alone through the model with its adapter merged (the base model for -1)."""
+    rows = []
+    for row, i in enumerate(ids):
+        p = params if i == -1 else jaxlora.merge(params, *entries[i])
+        rows.append(model.apply({"params": p}, *(a[row : row + 1] for a in args))[0])
+    return np.stack(rows)
+
+
+def test_a_mixed_batch_equals_each_row_run_alone_with_its_adapter_merged():
+    model, tokens, params, entries = _tower()
+    bank = jaxlora.adapter_bank(entries, names=("all", "heads", "embed"))
+    assert bank.a["heads/kernel"].shape == (3, 12, 4) and bank.b["heads/kernel"].shape == (3, 4, 3, 4)
+    np.testing.assert_array_equal(bank.scales["dense/kernel"], [2.0, 0.5, 0.0])
+    ids = bank.ids(["all", None, "embed", "heads", "all", jaxlora.BASE_MODEL])
+    forward = jax.jit(lambda bank, ids, x: jaxlora.apply_bank(model, {"params": params}, bank, ids, x))
+    got = forward(bank, ids, tokens)
+    want = _rowwise(model, params, entries, [0, -1, 2, 1, 0, -1], tokens)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+    base = jax.jit(model.apply)({"params": params}, tokens)
+    np.testing.assert_allclose(got[np.array([1, 5])], base[np.array([1, 5])], atol=1e-6, rtol=0)
+    # Op by op, a base row is bit for bit the base model's output (a compiled program may fuse the base
+    # computation differently from another compiled program, by an ulp, as model.apply jitted vs eager does).
+    eager = jaxlora.apply_bank(model, {"params": params}, bank, ids, tokens)
+    np.testing.assert_array_equal(eager[np.array([1, 5])], model.apply({"params": params}, tokens)[np.array([1, 5])])
+
+
+def test_base_rows_never_see_the_bank_even_when_it_holds_nan():
+    model, tokens, params, entries = _tower()
+    bank = jaxlora.adapter_bank(entries)
+    poisoned = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), bank)
+    ids = poisoned.ids([0, None, 1, None, 2, 0])
+    got = jax.jit(lambda b, i, x: jaxlora.apply_bank(model, {"params": params}, b, i, x))(poisoned, ids, tokens)
+    assert np.isnan(got[np.array([0, 2, 4, 5])]).all(axis=(1, 2)).all()
+    base = jax.jit(model.apply)({"params": params}, tokens)
+    np.testing.assert_allclose(got[np.array([1, 3])], base[np.array([1, 3])], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_a_mixed_batch_of_gpt2_stacked_or_not_equals_each_row_alone(scan_layers):
+    from jaxlora.models.gpt2 import GPT2, GPT2Config
+
+    config = GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=2, n_head=2, scan_layers=scan_layers)
+    model = GPT2(config)
+    tokens = jax.random.randint(jax.random.key(5), (4, 6), 0, 40)
+    params = model.init(jax.random.key(0), tokens)["params"]
+    blocks = "h" if scan_layers else r"h_\d+"
+    stacked = {r"h/.*": 1} if scan_layers else {}
+    configs = [
+        jaxlora.LoraConfig(rank=2, alpha=4.0, targets=(rf"{blocks}/attn/c_attn/kernel",), stacked_axes=stacked),
+        jaxlora.LoraConfig(rank=3, alpha=3.0, targets=(rf"{blocks}/.*/kernel",), stacked_axes=stacked),
+    ]
+    entries = [_trained(params, c, 20 + i) for i, c in enumerate(configs)]
+    bank = jaxlora.adapter_bank(entries)
+    ids = [1, 0, -1, 1]
+    got = jax.jit(lambda b, i, x: jaxlora.apply_bank(model, {"params": params}, b, i, x))(bank, bank.ids(ids), tokens)
+    np.testing.assert_allclose(got, _rowwise(model, params, entries, ids, tokens), atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(got[2], jax.jit(model.apply)({"params": params}, tokens)[2], atol=1e-6, rtol=0)
+
+
+def _row_loss(logits, targets):
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], axis=-1).sum()
+
+
+def test_gradients_reach_each_slot_from_its_rows_only():
+    model, tokens, params, entries = _tower()
+    entries = entries[:2]
+    bank = jaxlora.adapter_bank([*entries, entries[0]])  # slot 2 unused by the batch
+    ids = [0, 1, -1, 0, 1, 1]
+    targets = jnp.roll(tokens, 1, axis=1)
+
+    def bank_loss(bank):
+        logits = jaxlora.apply_bank(model, {"params": params}, bank, bank.ids(ids), tokens)
+        return _row_loss(logits, targets)
+
+    grads = jax.jit(jax.grad(bank_loss))(bank)
+    for slot, (adapters, plan) in enumerate(entries):
+        rows = np.array([i == slot for i in ids])
+
+        def merged_loss(adapters, plan=plan, rows=rows):  # plain autodiff through W + s·A B
+            logits = model.apply({"params": jaxlora.merge(params, adapters, plan)}, tokens[rows])
+            return _row_loss(logits, targets[rows])
+
+        want = jax.grad(merged_loss)(adapters)
+        for path, leaf in plan.leaves.items():
+            node = want
+            for name in path.split("/"):
+                node = node[name]
+            r = leaf.rank
+            np.testing.assert_allclose(grads.a[path][slot][..., :r], node["lora_a"], atol=1e-4, rtol=1e-4)
+            np.testing.assert_allclose(grads.b[path][slot][:r], node["lora_b"], atol=1e-4, rtol=1e-4)
+            assert not np.any(grads.a[path][slot][..., r:]) and not np.any(grads.b[path][slot][r:])  # padding
+        for path in set(bank.plan.leaves) - set(plan.leaves):  # paths this slot does not adapt: A = B = 0
+            assert not np.any(grads.a[path][slot]) and not np.any(grads.b[path][slot])
+    for path in bank.plan.leaves:  # the unused slot
+        assert not np.any(grads.a[path][2]) and not np.any(grads.b[path][2])
+
+
+def test_hot_swapping_a_slot_or_switching_adapters_never_recompiles():
+    model, tokens, params, entries = _tower()
+    bank = jaxlora.adapter_bank(entries, names=("all", "heads", "embed"))
+    traces = []
+
+    @jax.jit
+    def forward(bank, ids, x):
+        traces.append(1)
+        return jaxlora.apply_bank(model, {"params": params}, bank, ids, x)
+
+    forward(bank, bank.ids(["all"] * 6), tokens)
+    forward(bank, bank.ids(["heads", None, "embed", "all", "all", "heads"]), tokens)  # switching adapters
+    # a smaller rank, another alpha and fewer targets in slot "all"
+    config = jaxlora.LoraConfig(rank=1, alpha=7.0, targets=(r"dense/kernel", r"embed/embedding"))
+    small = _trained(params, config, 30)
+    swapped = bank.replace("all", *small)
+    got = forward(swapped, swapped.ids(["all", "heads", None, "all", "embed", "all"]), tokens)
+    assert len(traces) == 1 and forward._cache_size() == 1
+    want = _rowwise(model, params, [small, entries[1], entries[2]], [0, 1, -1, 0, 2, 0], tokens)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+    np.testing.assert_array_equal(bank.scales["dense/kernel"][0], 2.0)  # the old bank is unchanged
+
+
+def test_one_step_trains_several_adapters_and_leaves_the_rest_bit_identical():
+    import optax
+
+    model, tokens, params, entries = _tower()
+    bank = jaxlora.adapter_bank(entries)
+    ids = bank.ids([0, 1, 0, 1, None, 0])  # slot 2 unused
+    targets = jnp.roll(tokens, 1, axis=1)
+    opt = optax.adam(1e-2)
+
+    @jax.jit
+    def step(bank, state, params):
+        loss, grads = jax.value_and_grad(
+            lambda b: _row_loss(jaxlora.apply_bank(model, {"params": params}, b, ids, tokens), targets)
+        )(bank)
+        updates, state = opt.update(grads, state, bank)
+        return optax.apply_updates(bank, updates), state, loss
+
+    frozen = jax.tree.map(np.asarray, params)
+    new, _, loss = step(bank, opt.init(bank), params)
+    _, _, loss2 = step(new, opt.init(new), params)
+    assert float(loss2) < float(loss)
+    jax.tree.map(np.testing.assert_array_equal, params, frozen)
+    for path in bank.plan.leaves:
+        np.testing.assert_array_equal(new.a[path][2], bank.a[path][2])
+        np.testing.assert_array_equal(new.b[path][2], bank.b[path][2])
+        np.testing.assert_array_equal(new.scales[path], bank.scales[path])  # constants: no gradient
+    assert any(not np.array_equal(new.b[p][0], bank.b[p][0]) for p in bank.plan.leaves)
+    assert any(not np.array_equal(new.b[p][1], bank.b[p][1]) for p in bank.plan.leaves)
+
+
+def test_bank_bad_input_is_refused_with_the_fix():
+    model, tokens, params, entries = _tower()
+    bank = jaxlora.adapter_bank(entries[1:])  # heads, dense, embed, merge_heads
+    apply = lambda ids: jaxlora.apply_bank(model, {"params": params}, bank, jnp.asarray(ids), tokens)
+    with pytest.raises(IndexError, match=r"adapter index 2 is out of range for a bank of 2 slots.*BASE_MODEL"):
+        apply([0, 1, 2, 0, 0, 0])
+    with pytest.raises(IndexError, match="adapter index -2"):
+        apply([0, 1, -2, 0, 0, 0])
+    with pytest.raises(KeyError, match="no slot named 'x'"):
+        bank.ids(["x"])
+    with pytest.raises(ValueError, match="1-D integer array"):
+        apply([[0, 1, 0, 0, 0, 0]])
+    with pytest.raises(ValueError, match="leading axis is not the batch of 3"):
+        apply([0, 1, 0])
+    # inside jit an index out of range cannot raise: its row is NaN, the others are served
+    jitted = jax.jit(lambda ids: jaxlora.apply_bank(model, {"params": params}, bank, ids, tokens))
+    out = jitted(jnp.asarray([0, 5, -1, 1, 0, 0]))
+    assert np.isnan(out[1]).all() and np.isfinite(out[np.array([0, 2, 3])]).all()
+    # targets that do not fit the bank
+    with pytest.raises(ValueError, match=r"adapt '(dense|heads)/kernel', which the bank has no slot for"):
+        jaxlora.adapter_bank(entries[2:]).replace(0, *entries[1])
+    bigger = _trained(params, jaxlora.LoraConfig(rank=5, targets=(r"dense/kernel",)), 40)
+    with pytest.raises(ValueError, match=r"rank 5 .* bank holds rank <= 4"):
+        bank.replace(0, *bigger)
+    # adapters trained on another base
+    other_params = {**params, "dense": {**params["dense"], "kernel": jnp.zeros((12, 13))}}
+    other = _trained(other_params, jaxlora.LoraConfig(rank=1, targets=(r"dense/kernel",)), 41)
+    with pytest.raises(ValueError, match=r"different base models.*'dense/kernel'"):
+        jaxlora.adapter_bank([entries[0], other])
+    with pytest.raises(ValueError, match=r"different base models"):
+        bank.replace(1, *other)
+    # a layer the bank does not serve (a Conv) is refused, never merged
+    conv = nn.Conv(4, kernel_size=(3,))
+    x = jnp.ones((2, 5, 3))
+    conv_params = conv.init(jax.random.key(0), x)["params"]
+    conv_bank = jaxlora.adapter_bank([_trained(conv_params, jaxlora.LoraConfig(rank=1), 42)])
+    with pytest.raises(ValueError, match=r"\['kernel'\] are not consumed by a layer it serves"):
+        jaxlora.apply_bank(conv, {"params": conv_params}, conv_bank, jnp.asarray([0, -1]), x)
+    with pytest.raises(ValueError, match="this Plan was built for other params"):
+        jaxlora.apply_bank(model, {"params": other_params}, bank, bank.ids([0] * 6), tokens)
