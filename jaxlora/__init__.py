@@ -20,6 +20,7 @@ from jaxlora._src.layer_kinds import register_layer, unregister_layer
 from jaxlora._src.linear import lora_linear
 from jaxlora._src.loraplus import loraplus_optimizer
 from jaxlora._src.merging import dora_norms, merge, unmerge
+from jaxlora._src.named_adapters import NamedAdapters
 from jaxlora._src.nnx_interception import apply_nnx, apply_nnx_fn
 from jaxlora._src.partitioning import combine, count_params, labels, optimizer, partition
 from jaxlora._src.planning import LeafPlan, Plan, plan, summary
@@ -39,6 +40,7 @@ __all__ = [
     "FrozenMapping",
     "LeafPlan",
     "LoraConfig",
+    "NamedAdapters",
     "Plan",
     "adapter_bank",
     "adapter_shardings",

@@ -425,3 +425,41 @@ def test_bank_bad_input_is_refused_with_the_fix():
         jaxlora.apply_bank(conv, {"params": conv_params}, conv_bank, jnp.asarray([0, -1]), x)
     with pytest.raises(ValueError, match="this Plan was built for other params"):
         jaxlora.apply_bank(model, {"params": other_params}, bank, bank.ids([0] * 6), tokens)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Named adapters
+
+
+def test_named_adapters_add_remove_select_and_checkpoint_each_on_its_own(tmp_path):
+    model, tokens, params, entries = _tower()
+    named = jaxlora.NamedAdapters({"all": entries[0]}).add("heads", *entries[1]).add("embed", *entries[2])
+    assert list(named) == ["all", "heads", "embed"] and len(named.remove("heads")) == 2 and len(named) == 3
+    assert named.select("heads")[1] is entries[1][1] and named["embed"][1] is entries[2][1]
+    with pytest.raises(ValueError, match="'heads' exists already"):
+        named.add("heads", *entries[0])
+    with pytest.raises(KeyError, match=r"no adapter named 'x'; the adapters are \['all', 'heads', 'embed'\]"):
+        named.select("x")
+    with pytest.raises(AttributeError, match="immutable"):
+        named._entries = {}
+    other_params = {**params, "dense": {**params["dense"], "kernel": jnp.zeros((12, 13))}}
+    with pytest.raises(ValueError, match="different base models"):
+        named.add("other", *_trained(other_params, jaxlora.LoraConfig(rank=1, targets=(r"dense/kernel",)), 1))
+    # each entry saves and loads with the single-adapter checkpoint functions, its own plan included
+    for name, (adapters, plan) in named.items():
+        jaxlora.checkpoint.save_adapter(tmp_path / name, params, adapters, plan)
+    loaded = jaxlora.NamedAdapters(
+        {name: jaxlora.checkpoint.load_adapter(tmp_path / name, params)[1:] for name in named}
+    )
+    for name in named:
+        assert loaded[name][1] == named[name][1]
+        jax.tree.map(np.testing.assert_array_equal, loaded[name][0], named[name][0])
+    # the mapping feeds a bank (slot names = adapter names) and the combinations
+    bank = jaxlora.adapter_bank(loaded)
+    assert bank.names == ("all", "heads", "embed")
+    got = jaxlora.apply_bank(
+        model, {"params": params}, bank, bank.ids(["embed", "all", None, "heads", "all", "embed"]), tokens
+    )
+    np.testing.assert_allclose(got, _rowwise(model, params, entries, [2, 0, -1, 1, 0, 2], tokens), atol=2e-5, rtol=1e-5)
+    adapters, plan = jaxlora.weighted_cat(named.entries(["all", "embed"]), [0.5, 0.5], targets="union")
+    assert set(plan.leaves) == set(entries[0][1].leaves)
