@@ -463,3 +463,15 @@ def test_named_adapters_add_remove_select_and_checkpoint_each_on_its_own(tmp_pat
     np.testing.assert_allclose(got, _rowwise(model, params, entries, [2, 0, -1, 1, 0, 2], tokens), atol=2e-5, rtol=1e-5)
     adapters, plan = jaxlora.weighted_cat(named.entries(["all", "embed"]), [0.5, 0.5], targets="union")
     assert set(plan.leaves) == set(entries[0][1].leaves)
+
+
+def test_the_readme_section_runs_as_written():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Several adapters at once", 1)[1].split("\n## ", 1)[0]
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    namespace = {"__name__": "readme_multi_adapter"}
+    exec(compile(code, "README.md#several-adapters", "exec"), namespace)
+    assert namespace["y"].shape == (4, 10) and namespace["bank"].names == ("task0", "task1", "task2")
