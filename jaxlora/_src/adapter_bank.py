@@ -48,7 +48,7 @@ Entry = tuple[Mapping, Plan]
 
 
 @jax.tree_util.register_pytree_node_class
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # arrays inside: compared by identity, like any pytree of arrays
 class AdapterBank:
     """N adapter sets over one base, stacked per adapted path (build it with `jaxlora.adapter_bank`).
 
