@@ -112,7 +112,7 @@ class Config:
 
     name: str
     worker: str  # "jax", "torch" or "lorax"
-    group: str  # "gpt2_train", "gpt2_infer", "merge", "small", "matmul"
+    group: str  # "gpt2_train", "gpt2_infer", "merge", "multi_adapter", "small", "matmul"
     label: str
     timeout_s: float | None = None  # full runs: stop the worker after this long (default: the runner's timeout)
 
@@ -142,6 +142,7 @@ def _configs() -> list[Config]:
     add("torch_gpt2_infer_base", "torch", "gpt2_infer", "torch base model")
     add("torch_gpt2_infer_peft", "torch", "gpt2_infer", "PEFT r16 unmerged")
     add("jax_gpt2_merge", "jax", "merge", "jaxlora.merge r16 + adapter files")
+    add("jax_gpt2_multi_adapter", "jax", "multi_adapter", "4 r16 adapters in one batch vs one adapter (side by side)")
     for model, batches in (("mnist", MLP_BATCHES), ("regression", (REGRESSION_BATCH,))):
         for batch in batches:
             tag = f"{model}_b{batch}"

@@ -10,6 +10,7 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import dataclasses
 import math
 import shutil
 import tempfile
@@ -309,6 +310,96 @@ def gpt2_infer(kind: str) -> Callable[[Profile], dict[str, Any]]:
     return run
 
 
+# --- several adapters in one batch ----------------------------------------------------------------------------
+
+
+MULTI_ADAPTER_SLOTS = 4
+
+
+def _side_by_side(fns: dict[str, Callable[[], Any]], profile: Profile) -> dict[str, dict[str, Any]]:
+    """Seconds per call of each function, timed in alternating blocks (so a load change hits all of them alike)."""
+    for fn in fns.values():
+        for _ in range(max(profile.warmup, 1)):
+            _block(fn())
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(max(profile.repeats, 3)):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            out = None
+            for _ in range(profile.steps):
+                out = fn()
+            _block(out)
+            samples[name].append((time.perf_counter() - start) / profile.steps)
+    return {name: common.summarize(values) for name, values in samples.items()}
+
+
+def gpt2_multi_adapter(profile: Profile) -> dict[str, Any]:
+    """A batch whose rows use 4 different r16 adapters (one jaxlora.apply_bank call) vs the same batch with one
+    adapter (jaxlora.apply): forward and training step (Adam on the adapters), timed side by side in one process."""
+    shape = profile.gpt2
+    model, params = _gpt2(shape)
+    cfg = dataclasses.replace(gpt2_lora_config("r16"), modules_to_save=())
+    plan = jaxlora.plan(params, cfg)
+    sets = []
+    for i in range(MULTI_ADAPTER_SLOTS):
+        _, adapters = jaxlora.init(jax.random.key(10 + i), params, plan)
+        sets.append((_perturbed_adapters(adapters), plan))
+    bank = jaxlora.adapter_bank(sets)
+    ids = jnp.arange(shape.batch, dtype=jnp.int32) % MULTI_ADAPTER_SLOTS
+    single = sets[0][0]
+    x, y = _gpt2_batches(shape, 1)[0]
+    tx = optax.adam(1e-4)
+
+    mixed_forward = jax.jit(lambda p, bank, ids, x: jaxlora.apply_bank(model, {"params": p}, bank, ids, x))
+    single_forward = jax.jit(lambda p, a, x: jaxlora.apply(model, {"params": p}, a, plan, x))
+
+    @jax.jit
+    def mixed_step(bank, state, p, ids, x, y):
+        loss, grads = jax.value_and_grad(
+            lambda b: _cross_entropy(jaxlora.apply_bank(model, {"params": p}, b, ids, x), y)
+        )(bank)
+        updates, state = tx.update(grads, state, bank)
+        return optax.apply_updates(bank, updates), state, loss
+
+    @jax.jit
+    def single_step(adapters, state, p, x, y):
+        loss, grads = jax.value_and_grad(lambda a: _cross_entropy(jaxlora.apply(model, {"params": p}, a, plan, x), y))(
+            adapters
+        )
+        updates, state = tx.update(grads, state, adapters)
+        return optax.apply_updates(adapters, updates), state, loss
+
+    # Each row's logits must equal running it alone with its adapter merged.
+    mixed_logits = mixed_forward(params, bank, ids, x)
+    worst = 0.0
+    for row in range(shape.batch):
+        merged = jaxlora.merge(params, *sets[int(ids[row])])
+        alone = model.apply({"params": merged}, x[row : row + 1])[0]
+        worst = max(worst, float(jnp.max(jnp.abs(mixed_logits[row] - alone))))
+    bank_state, single_state = tx.init(bank), tx.init(single)
+    timings = _side_by_side(
+        {
+            "forward_mixed": lambda: mixed_forward(params, bank, ids, x),
+            "forward_single": lambda: single_forward(params, single, x),
+            "train_mixed": lambda: mixed_step(bank, bank_state, params, ids, x, y),
+            "train_single": lambda: single_step(single, single_state, params, x, y),
+        },
+        profile,
+    )
+    ratio = lambda a, b: timings[a]["median"] / timings[b]["median"]
+    single_bytes = sum(v.size * v.dtype.itemsize for v in jax.tree.leaves(single))
+    return {
+        "step_s": timings["train_mixed"],
+        "timings": timings,
+        "forward_ratio_mixed_vs_single": ratio("forward_mixed", "forward_single"),
+        "train_ratio_mixed_vs_single": ratio("train_mixed", "train_single"),
+        "max_abs_diff_vs_rows_merged": worst,
+        "slots": MULTI_ADAPTER_SLOTS,
+        "bank_bytes": bank.num_bytes,
+        "one_adapter_bytes": single_bytes,
+    }
+
+
 # --- merge and adapter files ----------------------------------------------------------------------------------
 
 
@@ -516,6 +607,7 @@ RUNNERS: dict[str, Callable[[Profile], dict[str, Any]]] = {
     "jax_gpt2_infer_unmerged": gpt2_infer("unmerged"),
     "jax_gpt2_infer_merged": gpt2_infer("merged"),
     "jax_gpt2_merge": gpt2_merge,
+    "jax_gpt2_multi_adapter": gpt2_multi_adapter,
     "jax_matmul": matmul,
 }
 for _model, _batches in (("mnist", common.MLP_BATCHES), ("regression", (common.REGRESSION_BATCH,))):

@@ -125,6 +125,11 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             0.6,
         ),
     ]
+    multi = _ok(results, "jax_gpt2_multi_adapter")
+    for key, what in (("forward", "forward"), ("train", "training step")):
+        value = None if multi is None else multi.get(f"{key}_ratio_mixed_vs_single")
+        detail = "jax_gpt2_multi_adapter: 4 r16 adapters in one batch (apply_bank) / one adapter (apply), same run"
+        out.append(_target(f"mixed-adapter batch {what} vs one adapter", value, 1.15, "x", detail))
     agreement = loss_agreement(results, "jax_gpt2_lora_r16_bf16", "jax_gpt2_lora_r16")
     out.append(
         _target(

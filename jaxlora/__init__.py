@@ -7,9 +7,11 @@ hand it to the other functions.
 import warnings as _warnings
 
 from jaxlora import analysis, checkpoint, layers, loraplus, name_maps, peft_format, quantization
+from jaxlora._src.adapter_bank import BASE_MODEL, AdapterBank, adapter_bank, apply_bank
 from jaxlora._src.adapter_module import AdapterModule
 from jaxlora._src.builtin_layers import register_builtin_layers as _register_builtin_layers
 from jaxlora._src.builtin_nnx_layers import register_builtin_nnx_layers as _register_builtin_nnx_layers
+from jaxlora._src.combinations import weighted_cat, weighted_linear, weighted_svd
 from jaxlora._src.config import ALL_EMBEDDINGS, ALL_KERNELS, LoraConfig
 from jaxlora._src.finiteness import all_finite, nonfinite_paths
 from jaxlora._src.immutable import FrozenMapping
@@ -19,6 +21,7 @@ from jaxlora._src.layer_kinds import register_layer, unregister_layer
 from jaxlora._src.linear import lora_linear
 from jaxlora._src.loraplus import loraplus_optimizer
 from jaxlora._src.merging import dora_norms, merge, unmerge
+from jaxlora._src.named_adapters import NamedAdapters
 from jaxlora._src.nnx_interception import apply_nnx, apply_nnx_fn
 from jaxlora._src.partitioning import combine, count_params, labels, optimizer, partition
 from jaxlora._src.planning import LeafPlan, Plan, plan, summary
@@ -32,17 +35,22 @@ __version__ = "0.2.0"
 __all__ = [
     "ALL_EMBEDDINGS",
     "ALL_KERNELS",
+    "BASE_MODEL",
     "DROPOUT_RNG",
+    "AdapterBank",
     "AdapterModule",
     "FrozenMapping",
     "LeafPlan",
     "LoraConfig",
+    "NamedAdapters",
     "Plan",
+    "adapter_bank",
     "adapter_shardings",
     "adapter_specs",
     "all_finite",
     "analysis",
     "apply",
+    "apply_bank",
     "apply_fn",
     "apply_nnx",
     "apply_nnx_fn",
@@ -68,6 +76,9 @@ __all__ = [
     "summary",
     "unmerge",
     "unregister_layer",
+    "weighted_cat",
+    "weighted_linear",
+    "weighted_svd",
 ]
 
 
