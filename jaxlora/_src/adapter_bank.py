@@ -35,10 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxlora._src.builtin_layers import inside_adapter
 from jaxlora._src.derived_plans import check_same_base, derived_plan
-from jaxlora._src.interception import _holds, _with_stacked_adapters
-from jaxlora._src.layer_kinds import kind_of
+from jaxlora._src.interception import _holds, _with_stacked_adapters, intercepted
 from jaxlora._src.merging import masked_b
 from jaxlora._src.planning import LeafPlan, Plan
 
@@ -305,10 +303,10 @@ class _BankInterceptor:
 
     def __call__(self, next_fun, args, kwargs, context):
         module, method = context.module, context.method_name
-        kind = None if inside_adapter.get() else kind_of(module)
-        if kind is None or method not in kind.methods or not args:
+        found = intercepted(context, args)
+        if found is None:
             return next_fun(*args, **kwargs)
-        path = "/".join((*module.path, kind.param))
+        kind, path = found
         leaf = self.bank.plan.leaves.get(path)
         weights = None if leaf is None else self._weights(module, kind.param, path, leaf)
         term_fn = _BANK_TERMS.get(kind.module_type)

@@ -23,7 +23,7 @@ import jax
 
 from jaxlora._src.builtin_layers import inside_adapter
 from jaxlora._src.config import LoraConfig
-from jaxlora._src.layer_kinds import Adapter, LayerCall, kind_of
+from jaxlora._src.layer_kinds import Adapter, LayerCall, LayerKind, kind_of
 from jaxlora._src.merging import add_deltas, masked_b
 from jaxlora._src.paths import PyTree
 from jaxlora._src.planning import LeafPlan, Plan, resolve
@@ -41,6 +41,14 @@ def _holds(module: nn.Module, param: str, shape: tuple[int, ...]) -> bool:
 def _slot(param: str, name: str) -> str:
     """The params entry that carries a stacked adapter's `name` ("lora_a", ...) next to the kernel `param`."""
     return f"{param}:{name}"
+
+
+def intercepted(context: Any, args: tuple) -> tuple[LayerKind, str] | None:
+    """The registered kind and the path of W for an intercepted method call that a kind serves, else None."""
+    kind = None if inside_adapter.get() else kind_of(context.module)
+    if kind is None or context.method_name not in kind.methods or not args:
+        return None
+    return kind, "/".join((*context.module.path, kind.param))
 
 
 class _Interceptor:
@@ -74,10 +82,10 @@ class _Interceptor:
 
     def __call__(self, next_fun, args, kwargs, context):
         module, method = context.module, context.method_name
-        kind = None if inside_adapter.get() else kind_of(module)
-        if kind is None or method not in kind.methods or not args:
+        found = intercepted(context, args)
+        if found is None:
             return next_fun(*args, **kwargs)
-        path = "/".join((*module.path, kind.param))
+        kind, path = found
         adapter = self.adapters.get(path)
         if adapter is not None and not _holds(module, kind.param, adapter.leaf.shape):
             adapter = None  # e.g. a slice of a kernel stacked by nn.scan, not declared in stacked_axes

@@ -29,7 +29,8 @@ import numpy as np
 from jax import lax
 
 from jaxlora._src.config import LoraConfig
-from jaxlora._src.linear import _matmul, _matmul_t, _outer
+from jaxlora._src.linear import _forward as linear_forward
+from jaxlora._src.linear import _matmul_t, _outer
 from jaxlora._src.paths import PyTree, leaves_with_paths, map_with_paths, register_leaf_test
 from jaxlora._src.planning import Plan, resolve
 
@@ -233,13 +234,7 @@ def _decoded(q: Any, anchor: jax.Array, dtype: Any) -> jax.Array:
 
 def _forward(x, x_lora, q, bias, a, b, scale):
     w = _decoded(q, x, x.dtype)  # dequantized when x arrives, freed after the product
-    y = _matmul(x, w)
-    if bias is not None:
-        y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
-    if a is None:
-        return y, None
-    xa = _matmul(x_lora, a)
-    return y + (scale * _matmul(xa, b)).astype(y.dtype), xa
+    return linear_forward(x, x_lora, w, bias, a, b, scale)
 
 
 def _zero_cotangent(x: jax.Array) -> Any:
