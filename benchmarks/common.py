@@ -126,6 +126,8 @@ def _configs() -> list[Config]:
     add("jax_gpt2_lora_r8", "jax", "gpt2_train", "jaxlora r8 c_attn factored")
     add("jax_gpt2_lora_r16_merged", "jax", "gpt2_train", "jaxlora r16 merged inside jit")
     add("jax_gpt2_lora_r16_scanned", "jax", "gpt2_train", "jaxlora r16, blocks stacked by nn.scan")
+    add("jax_gpt2_lora_r16_dora", "jax", "gpt2_train", "jaxlora r16 DoRA")
+    add("jax_gpt2_lora_r16_nf4", "jax", "gpt2_train", "jaxlora r16, NF4 frozen kernels (QLoRA)")
     add("jax_gpt2_lora_r16_bf16", "jax", "gpt2_train", "jaxlora r16, bf16 frozen base")
     add("torch_gpt2_full", "torch", "gpt2_train", "torch full fine-tuning (AdamW default)")
     add("torch_gpt2_peft_r16", "torch", "gpt2_train", "PEFT r16 (AdamW default)")

@@ -226,9 +226,17 @@ def gpt2_full(profile: Profile) -> dict[str, Any]:
 def _gpt2_lora_train(profile: Profile, cfg: jaxlora.LoraConfig, variant: str | None, **kw: Any) -> dict[str, Any]:
     shape = profile.gpt2
     model, params = _gpt2(shape, kw.pop("scan_layers", False))
-    params, adapters = jaxlora.init(jax.random.key(1), params, cfg)
-    trainable, frozen = jaxlora.partition(params, adapters, cfg)
-    counts = {"trainable_params": _count(trainable), "total_params": _count(params) + _count(adapters)}
+    plan = jaxlora.plan(params, cfg)
+    params, adapters = jaxlora.init(jax.random.key(1), params, plan)
+    quantized = kw.pop("quantized", None)
+    if quantized is not None:  # QLoRA: the adapted kernels stored as NF4 / int8, dequantized inside the step
+        params = jaxlora.quantization.quantize(params, plan, kind=quantized)
+    trainable, frozen = jaxlora.partition(params, adapters, plan)
+    counts = {
+        "trainable_params": _count(trainable),
+        "total_params": _count(params) + _count(adapters),
+        "frozen_bytes": sum(jaxlora.quantization.nbytes(x) for x in jax.tree.leaves(frozen)),
+    }
     del params, adapters  # the trainable and frozen halves hold everything the step needs
     base_dtype = kw.pop("base_dtype", None)
     if base_dtype is not None:
@@ -602,6 +610,10 @@ RUNNERS: dict[str, Callable[[Profile], dict[str, Any]]] = {
     "jax_gpt2_lora_r8": gpt2_lora("r8"),
     "jax_gpt2_lora_r16_merged": gpt2_lora("r16", mode="merged"),
     "jax_gpt2_lora_r16_scanned": gpt2_lora("r16", scan_layers=True),
+    "jax_gpt2_lora_r16_dora": lambda profile: _gpt2_lora_train(
+        profile, dataclasses.replace(gpt2_lora_config("r16"), use_dora=True), "r16"
+    ),
+    "jax_gpt2_lora_r16_nf4": gpt2_lora("r16", quantized="nf4"),
     "jax_gpt2_lora_r16_bf16": gpt2_lora("r16", base_dtype=jnp.bfloat16),
     "jax_gpt2_infer_base": gpt2_infer("base"),
     "jax_gpt2_infer_unmerged": gpt2_infer("unmerged"),

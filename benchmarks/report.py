@@ -125,6 +125,14 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             0.6,
         ),
     ]
+    out.append(_ratio(results, "DoRA r16 step vs LoRA r16 step", "jax_gpt2_lora_r16_dora", ["jax_gpt2_lora_r16"], 1.3))
+    nf4, fp32 = _ok(results, "jax_gpt2_lora_r16_nf4"), _ok(results, "jax_gpt2_lora_r16")
+    base_bytes = None if nf4 is None or fp32 is None else nf4["frozen_bytes"] / fp32["frozen_bytes"]
+    detail = (
+        "frozen_bytes of jax_gpt2_lora_r16_nf4 / jax_gpt2_lora_r16 "
+        "(the whole frozen tree: the embeddings and LayerNorms stay float32)"
+    )
+    out.append(_target("NF4 frozen base bytes vs float32", base_bytes, 0.3, "x", detail))
     multi = _ok(results, "jax_gpt2_multi_adapter")
     for key, what in (("forward", "forward"), ("train", "training step")):
         value = None if multi is None else multi.get(f"{key}_ratio_mixed_vs_single")
