@@ -36,7 +36,7 @@ import numpy as np
 from jax import lax
 
 from jaxlora._src.derived_plans import check_same_base, derived_plan
-from jaxlora._src.interception import _holds, _with_stacked_adapters, intercepted
+from jaxlora._src.interception import _holds, _slot, _with_stacked_adapters, intercepted
 from jaxlora._src.merging import masked_b
 from jaxlora._src.planning import LeafPlan, Plan
 
@@ -278,10 +278,6 @@ def _embed_term(module, method, x, a, b, ids, factor, leaf: LeafPlan):
 _BANK_TERMS = {nn.Dense: _linear_term, nn.DenseGeneral: _linear_term, nn.Embed: _embed_term}
 
 
-def _slot_entry(param: str, name: str) -> str:
-    return f"{param}:{name}"
-
-
 class _BankInterceptor:
     def __init__(self, bank: AdapterBank, ids: jax.Array, factors: Mapping[str, jax.Array]):
         self.bank, self.ids, self.factors = bank, ids, factors
@@ -292,10 +288,10 @@ class _BankInterceptor:
         k = leaf.stacked_axes
         if not k:
             return (self.bank.a[path], self.bank.b[path]) if _holds(module, param, leaf.shape) else None
-        if not module.has_variable("params", _slot_entry(param, "bank_a")):
+        if not module.has_variable("params", _slot(param, "bank_a")):
             return None
-        a = module.get_variable("params", _slot_entry(param, "bank_a"))
-        b = module.get_variable("params", _slot_entry(param, "bank_b"))
+        a = module.get_variable("params", _slot(param, "bank_a"))
+        b = module.get_variable("params", _slot(param, "bank_b"))
         n = self.bank.num_slots
         if a.shape != (n, *leaf.a_shape[k:]) or b.shape != (n, *leaf.b_shape[k:]):
             return None
@@ -411,8 +407,8 @@ def apply_bank(model: nn.Module, variables: Mapping[str, Any], bank: AdapterBank
     for path, leaf in bank.plan.leaves.items():
         k = leaf.stacked_axes
         if k:  # slot axis after the stack axes, so nn.scan slices each layer's (N, ...) stack of adapters
-            entries[_slot_entry(path, "bank_a")] = jnp.moveaxis(bank.a[path], 0, k)
-            entries[_slot_entry(path, "bank_b")] = jnp.moveaxis(bank.b[path], 0, k)
+            entries[_slot(path, "bank_a")] = jnp.moveaxis(bank.a[path], 0, k)
+            entries[_slot(path, "bank_b")] = jnp.moveaxis(bank.b[path], 0, k)
     interceptor = _BankInterceptor(bank, ids, _factors(bank, ids))
     with nn.intercept_methods(interceptor):
         out = model.apply({**variables, "params": _with_stacked_adapters(params, entries)}, *args, **kwargs)

@@ -150,11 +150,11 @@ def _stacked_entries(flat: Mapping, plan: Plan, dropout_rng: jax.Array | None, p
     entries = {}
     for path in paths:
         leaf = plan.leaves[path]
-        entries[f"{path}:lora_a"] = flat[path]["lora_a"]
-        entries[f"{path}:lora_b"] = masked_b(flat[path]["lora_b"], leaf)
+        entries[_slot(path, "lora_a")] = flat[path]["lora_a"]
+        entries[_slot(path, "lora_b")] = masked_b(flat[path]["lora_b"], leaf)
         rng = _leaf_rng(dropout_rng, leaf)
         if rng is not None:
-            entries[f"{path}:lora_rng"] = jax.random.key_data(rng)
+            entries[_slot(path, "lora_rng")] = jax.random.key_data(rng)
     return entries
 
 
