@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from jaxlora._src.name_maps import ModuleName
+from jaxlora._src.name_maps import ModuleName, torch_param
 from jaxlora.models.llama.config import LlamaConfig
 
 # Module paths inside one decoder layer, and which torch layout each has.
@@ -25,7 +25,6 @@ PEFT_TARGETS = r"layers/\d+/(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)/k
 PEFT_TARGETS_SCANNED = r"layers/(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)/kernel"
 # `LoraConfig(stacked_axes=STACKED_AXES)` for the scanned layout: one adapter per layer, served inside nnx.scan.
 STACKED_AXES = {r"layers/.*": 1}
-_TORCH_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
 
 
 def peft_name_map(config: LlamaConfig, scan_layers: bool = False) -> tuple[ModuleName, ...]:
@@ -65,12 +64,14 @@ def hf_param_name(path: str) -> str:
         KeyError: `path` is no parameter of a Llama model.
     """
     module, _, leaf = path.rpartition("/")
-    if leaf not in _TORCH_LEAF:
-        raise KeyError(f"{path!r} is no Llama parameter: its leaf {leaf!r} is not one of {sorted(_TORCH_LEAF)}.")
-    if module == "lm_head":
-        return f"lm_head.{_TORCH_LEAF[leaf]}"
-    if module in ("embed_tokens", "norm") or re.fullmatch(
-        rf"layers/\d+/({'|'.join(m for m, _ in LAYER_MODULES)})", module
-    ):
-        return f"model.{module.replace('/', '.')}.{_TORCH_LEAF[leaf]}"
+    for pattern, template, layout in _EVERY_MODULE:
+        if re.fullmatch(pattern, module):
+            try:
+                return f"{re.sub(pattern, template, module)}.{torch_param(leaf, layout)}"
+            except ValueError:
+                break
     raise KeyError(f"{path!r} is no Llama parameter (expected e.g. 'layers/0/self_attn/q_proj/kernel').")
+
+
+# Every module a Llama checkpoint can hold, the untied head included: the rows that name checkpoint keys.
+_EVERY_MODULE = peft_name_map(LlamaConfig(tie_word_embeddings=False))
