@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Creates .venv (if missing) and installs jaxlora with the extra named in $1 ("examples" or "test").
-# pip runs only when pyproject.toml changed since the last install of that extra (or of "test", which includes
-# "examples"): the install is editable, so code changes need none. pip's full output goes to .venv/pip.log.
+# Versions are pinned by scripts/constraints.txt (the set the tests last passed with).
+# pip runs only when pyproject.toml or the constraints changed since the last install of that extra (or of "test",
+# which includes "examples"): the install is editable, so code changes need none. pip's full output goes to .venv/pip.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extra="${1:-examples}"
 python="${PYTHON:-python3}"
-want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+want="$(cat pyproject.toml scripts/constraints.txt | sha256sum | cut -d' ' -f1)"
 
 covers="$extra"
 [ "$extra" = examples ] && covers="examples test"
@@ -23,11 +24,11 @@ if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
 else
-  echo "setup: pyproject.toml changed (or jaxlora[$extra] is new here): installing jaxlora[$extra] into .venv"
+  echo "setup: pyproject.toml or scripts/constraints.txt changed (or jaxlora[$extra] is new here): installing jaxlora[$extra] into .venv"
 fi
 rm -f .venv/.installed-*
 set +e
-PYTHONUNBUFFERED=1 .venv/bin/python -m pip install --progress-bar off -e ".[${extra}]" 2>&1 | tee .venv/pip.log |
+PYTHONUNBUFFERED=1 .venv/bin/python -m pip install --progress-bar off -c scripts/constraints.txt -e ".[${extra}]" 2>&1 | tee .venv/pip.log |
   grep --line-buffered -E '^(Collecting|Installing collected packages)' |
   awk '{ print "setup: " substr($0, 1, 110); fflush() }'
 status="${PIPESTATUS[0]}"

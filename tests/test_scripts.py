@@ -1,4 +1,4 @@
-"""scripts/setup.sh installs only when pyproject.toml changed, and says what it does on first setup."""
+"""scripts/setup.sh installs only when pyproject.toml or the pinned constraints changed, and shows first setup."""
 
 from __future__ import annotations
 
@@ -49,6 +49,7 @@ def test_setup_installs_once_per_pyproject_and_shows_progress(tmp_path):
     repo = tmp_path / "repo"
     (repo / "scripts").mkdir(parents=True)
     shutil.copy(REPO / "scripts" / "setup.sh", repo / "scripts" / "setup.sh")
+    shutil.copy(REPO / "scripts" / "constraints.txt", repo / "scripts" / "constraints.txt")
     (repo / "pyproject.toml").write_text('[project]\nname = "x"\n')
     (repo / "tools").mkdir()
     _executable(repo / "tools" / "fake_venv_python", FAKE_PYTHON)
@@ -61,7 +62,7 @@ def test_setup_installs_once_per_pyproject_and_shows_progress(tmp_path):
     assert "Downloading flax" in (repo / ".venv" / "pip.log").read_text()
     assert _pip_installs(repo) == [
         "-m pip install -q --upgrade pip",
-        "-m pip install --progress-bar off -e .[examples]",
+        "-m pip install --progress-bar off -c scripts/constraints.txt -e .[examples]",
     ]
 
     again = _setup(repo, "examples")
@@ -73,10 +74,14 @@ def test_setup_installs_once_per_pyproject_and_shows_progress(tmp_path):
 
     (repo / "pyproject.toml").write_text('[project]\nname = "x"\nversion = "2"\n')
     changed = _setup(repo, "examples")
-    assert "pyproject.toml changed" in changed.stdout and len(_pip_installs(repo)) == 4
+    assert "pyproject.toml or scripts/constraints.txt changed" in changed.stdout and len(_pip_installs(repo)) == 4
+
+    with open(repo / "scripts" / "constraints.txt", "a") as constraints:
+        constraints.write("jax==0.0.1\n")  # a new pin installs again
+    assert "changed" in _setup(repo, "examples").stdout and len(_pip_installs(repo)) == 5
 
     (repo / "pyproject.toml").write_text('[project]\nname = "x"\nversion = "3"\n')
     failed = _setup(repo, "examples", FAKE_PIP_EXIT="1")
     assert failed.returncode == 1 and "pip failed" in failed.stderr and "Collecting jax" in failed.stderr
     assert _setup(repo, "examples").returncode == 0
-    assert len(_pip_installs(repo)) == 6  # a failed install is not recorded: the next run installs again
+    assert len(_pip_installs(repo)) == 7  # a failed install is not recorded: the next run installs again
