@@ -192,3 +192,16 @@ def test_bad_input_is_named(base):
         model.apply({"params": params}, _prompt((2, 3)), kv_cache=init_cache(CONFIG, 1, 8))
     with pytest.raises(ValueError, match=r"max_length=60 must be in 1\.\.n_positions=48"):
         init_cache(CONFIG, 1, 60)
+
+
+def test_the_decoding_functions_document_args_and_their_examples_run():
+    import doctest
+    import inspect
+
+    finder, runner = doctest.DocTestFinder(), doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    for function in (init_cache, gpt2.apply_model, sample_token, left_pad, generate):
+        doc = inspect.getdoc(function)
+        assert "Args:" in doc and "Returns:" in doc and ">>>" in doc, function.__name__
+        for test in finder.find(function, function.__name__, globs=dict(vars(gpt2))):
+            runner.run(test)
+    assert runner.failures == 0 and runner.tries >= 10, (runner.failures, runner.tries)
