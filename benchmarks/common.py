@@ -145,6 +145,11 @@ def _configs() -> list[Config]:
     add("torch_gpt2_infer_peft", "torch", "gpt2_infer", "PEFT r16 unmerged")
     add("jax_gpt2_merge", "jax", "merge", "jaxlora.merge r16 + adapter files")
     add("jax_gpt2_multi_adapter", "jax", "multi_adapter", "4 r16 adapters in one batch vs one adapter (side by side)")
+    # --- serving several adapters (issue 18): mixed-batch prefill and KV-cache decoding, jaxlora vs PEFT ---
+    add("jax_gpt2_multi_adapter_prefill", "jax", "multi_adapter", "prefill, 4 r16 adapters in one batch (apply_bank)")
+    add("torch_gpt2_multi_adapter_prefill_peft", "torch", "multi_adapter", "prefill, PEFT adapter_names= (4 r16)")
+    add("jax_gpt2_multi_adapter_decode", "jax", "multi_adapter", "KV-cache decoding, bank vs groups in turn")
+    add("torch_gpt2_multi_adapter_decode_peft", "torch", "multi_adapter", "PEFT generate(adapter_names=) (4 r16)")
     for model, batches in (("mnist", MLP_BATCHES), ("regression", (REGRESSION_BATCH,))):
         for batch in batches:
             tag = f"{model}_b{batch}"

@@ -627,6 +627,12 @@ for _model, _batches in (("mnist", common.MLP_BATCHES), ("regression", (common.R
         for _mode in ("full", "lora"):
             RUNNERS[f"jax_{_model}_b{_batch}_{_mode}"] = small(_model, _batch, _mode)
 
+# --- serving several adapters (issue 18): benchmarks/multi_adapter_serving.py ---
+from benchmarks import multi_adapter_serving  # noqa: E402
+
+RUNNERS["jax_gpt2_multi_adapter_prefill"] = multi_adapter_serving.prefill
+RUNNERS["jax_gpt2_multi_adapter_decode"] = multi_adapter_serving.decode
+
 
 if __name__ == "__main__":
     common.run_worker(RUNNERS)

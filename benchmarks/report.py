@@ -198,6 +198,57 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             "same tolerance as bf16" + ("" if merged is None else f"; max |diff| {merged['max_abs_diff']:.3g}"),
         )
     )
+    out.extend(multi_adapter_serving_targets(results))
+    return out
+
+
+# --- serving several adapters (issue 18): prefill vs PEFT, KV-cache decoding, bank memory ----------------------
+
+
+def multi_adapter_serving_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Mixed-batch prefill and decoding against PEFT's `adapter_names=` and against serving the groups in turn.
+
+    Speed-ups ">= k x tokens/s" are judged as time ratios "<= 1/k x" (the same rows and tokens on both sides)."""
+    out = [
+        _ratio(
+            results,
+            "mixed-adapter prefill (8 rows, 4 r16 adapters) vs PEFT adapter_names=",
+            "jax_gpt2_multi_adapter_prefill",
+            ["torch_gpt2_multi_adapter_prefill_peft"],
+            0.8,
+        ),
+        _ratio(
+            results,
+            "KV-cache decoding time, mixed batch vs PEFT generate(adapter_names=) (>= 2x tokens/s)",
+            "jax_gpt2_multi_adapter_decode",
+            ["torch_gpt2_multi_adapter_decode_peft"],
+            0.5,
+        ),
+    ]
+    decode = _ok(results, "jax_gpt2_multi_adapter_decode")
+    speedup = None if decode is None else decode.get("speedup_vs_one_after_another")
+    detail = (
+        "jax_gpt2_multi_adapter_decode: bank generate of all rows / jaxlora.apply generate of the 4 groups in turn, "
+        "alternating in one process"
+        + ("" if speedup is None else f"; {speedup:.2f}x tokens/s")
+    )
+    out.append(
+        _target(
+            "KV-cache decoding time, mixed batch vs 4 groups one after another (>= 3x tokens/s)",
+            None if not speedup else 1.0 / speedup,
+            round(1 / 3, 3),
+            "x",
+            detail,
+        )
+    )
+    memory = None if decode is None else decode["bank_bytes"] / (decode["slots"] * decode["one_adapter_bytes"])
+    detail = (
+        "not measured"
+        if decode is None
+        else f"bank {decode['bank_bytes']:,} B / ({decode['slots']} x {decode['one_adapter_bytes']:,} B); padding "
+        f"{decode['bank_padding_bytes']:,} B (the per-slot scales)"
+    )
+    out.append(_target("adapter bank bytes vs N x one adapter", memory, 1.01, "x", detail))
     return out
 
 

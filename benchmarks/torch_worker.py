@@ -335,6 +335,12 @@ for _model, _batches in (("mnist", common.MLP_BATCHES), ("regression", (common.R
         RUNNERS[f"torch_{_model}_b{_batch}_peft"] = small(_model, _batch, "lora")
         RUNNERS[f"torch_{_model}_b{_batch}_peft_fused"] = small(_model, _batch, "lora", "fused")
 
+# --- serving several adapters (issue 18): benchmarks/multi_adapter_peft.py ---
+from benchmarks import multi_adapter_peft  # noqa: E402
+
+RUNNERS["torch_gpt2_multi_adapter_prefill_peft"] = multi_adapter_peft.prefill
+RUNNERS["torch_gpt2_multi_adapter_decode_peft"] = multi_adapter_peft.decode
+
 __all__ = ["RUNNERS", "Unavailable"]
 
 if __name__ == "__main__":

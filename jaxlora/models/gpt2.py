@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,6 +114,92 @@ PRESETS: dict[str, GPT2Config] = {
 }
 
 # --------------------------------------------------------------------------------------------------------------
+# Key/value cache for incremental decoding
+# --------------------------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class KVCache:
+    """The keys and values of every block for the positions decoded so far; a pytree, so it goes through jit.
+
+    Attributes:
+      keys: (n_layer, batch, max_length, n_head, head_dim).
+      values: the same shape.
+      index: int32 scalar, the cache position the next token is written at (all rows advance together).
+      start: int32 (batch,), each row's first real position: a left-padded row's padding lies before it, is never
+        attended to, and its first real token gets position embedding 0 (as if the row ran alone).
+    """
+
+    keys: jax.Array
+    values: jax.Array
+    index: jax.Array
+    start: jax.Array
+
+    @property
+    def max_length(self) -> int:
+        return self.keys.shape[2]
+
+
+LayerCache = tuple[jax.Array, jax.Array, jax.Array]  # one block's (keys, values, write index)
+
+
+def init_cache(config: GPT2Config, batch: int, max_length: int, start: Any = None, dtype: Any = jnp.float32) -> KVCache:
+    """An empty KV cache for `batch` rows of at most `max_length` positions (prompt and generated tokens).
+
+    Args:
+      config: the model's config (n_layer, n_head, n_embd, n_positions).
+      batch: rows.
+      max_length: positions the cache holds; at most ``config.n_positions``.
+      start: (batch,) left-padding length of each row (0 = none); default all 0.
+      dtype: of the keys and values.
+
+    Returns:
+      The cache, index 0; pass it as ``kv_cache=`` to :class:`GPT2`.
+
+    Raises:
+      ValueError: if max_length exceeds n_positions or start has the wrong shape.
+
+    Example:
+      >>> cache = init_cache(GPT2Config(n_embd=8, n_layer=2, n_head=2), batch=3, max_length=5)
+      >>> cache.keys.shape, int(cache.index)
+      ((2, 3, 5, 2, 4), 0)
+    """
+    if not 0 < max_length <= config.n_positions:
+        raise ValueError(f"max_length={max_length} must be in 1..n_positions={config.n_positions}.")
+    start = jnp.zeros((batch,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
+    if start.shape != (batch,):
+        raise ValueError(f"start must have shape ({batch},) (one left-padding length per row), got {start.shape}.")
+    shape = (config.n_layer, batch, max_length, config.n_head, config.n_embd // config.n_head)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.int32(0), start)
+
+
+def _check_cache(cfg: GPT2Config, cache: KVCache, ids_shape: tuple[int, ...]) -> None:
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"kv_cache must be a KVCache from init_cache, got {type(cache).__name__}.")
+    expected = (cfg.n_layer, ids_shape[0], cache.max_length, cfg.n_head, cfg.n_embd // cfg.n_head)
+    if cache.keys.shape != expected or cache.values.shape != expected:
+        raise ValueError(
+            f"kv_cache holds keys {cache.keys.shape}, expected {expected} for input_ids {ids_shape}; build it with "
+            "init_cache(config, batch, max_length)."
+        )
+    if ids_shape[1] > cache.max_length:
+        raise ValueError(f"{ids_shape[1]} tokens do not fit a cache of max_length={cache.max_length}.")
+
+
+def _cache_positions_and_mask(cache: KVCache, length: int) -> tuple[jax.Array, jax.Array]:
+    """Position ids (batch, length) of the new tokens and their (batch, 1, length, max_length) attention mask.
+
+    The new tokens sit at cache positions index .. index + length - 1; a token at cache position p of row b sees
+    the cached positions start_b .. p, and its position embedding is p - start_b (0 on the padding)."""
+    where = cache.index + jnp.arange(length)  # (length,)
+    start = cache.start[:, None]  # (batch, 1)
+    positions = jnp.maximum(where[None] - start, 0)
+    keys = jnp.arange(cache.max_length)
+    mask = (keys[None, None, :] <= where[None, :, None]) & (keys[None, None, :] >= start[:, :, None])
+    return positions, mask[:, None]
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Modules
 # --------------------------------------------------------------------------------------------------------------
 
@@ -127,19 +214,28 @@ class CausalSelfAttention(nn.Module):
     config: GPT2Config
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, mask: jax.Array, deterministic: bool, layer_cache: LayerCache | None = None
+    ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """The attention output; with `layer_cache` (keys, values, write index) also this layer's updated keys and
+        values: x's keys and values are written at the index and the queries attend to the whole cache."""
         cfg = self.config
         batch, length, width = x.shape
         head_dim = width // cfg.n_head
         qkv = _dense(3 * width, "c_attn", cfg.initializer_range)(x)
         q, k, v = (t.reshape(batch, length, cfg.n_head, head_dim) for t in jnp.split(qkv, 3, axis=-1))
+        if layer_cache is not None:
+            cached_k, cached_v, index = layer_cache
+            k = jax.lax.dynamic_update_slice_in_dim(cached_k, k.astype(cached_k.dtype), index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cached_v, v.astype(cached_v.dtype), index, axis=1)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(head_dim)
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         weights = nn.Dropout(cfg.dropout)(weights, deterministic=deterministic)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, length, width)
         out = _dense(width, "c_proj", cfg.initializer_range / math.sqrt(2 * cfg.n_layer))(out)
-        return nn.Dropout(cfg.dropout)(out, deterministic=deterministic)
+        out = nn.Dropout(cfg.dropout)(out, deterministic=deterministic)
+        return out if layer_cache is None else (out, (k, v))
 
 
 class MLP(nn.Module):
@@ -161,10 +257,17 @@ class Block(nn.Module):
     config: GPT2Config
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, mask: jax.Array, deterministic: bool, layer_cache: LayerCache | None = None
+    ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         eps = self.config.layer_norm_epsilon
-        x = x + CausalSelfAttention(self.config, name="attn")(nn.LayerNorm(eps, name="ln_1")(x), mask, deterministic)
-        return x + MLP(self.config, name="mlp")(nn.LayerNorm(eps, name="ln_2")(x), deterministic)
+        attn = CausalSelfAttention(self.config, name="attn")(
+            nn.LayerNorm(eps, name="ln_1")(x), mask, deterministic, layer_cache
+        )
+        attn, new_kv = attn if layer_cache is not None else (attn, None)
+        x = x + attn
+        x = x + MLP(self.config, name="mlp")(nn.LayerNorm(eps, name="ln_2")(x), deterministic)
+        return x if layer_cache is None else (x, new_kv)
 
 
 class _ScannedBlock(Block):
@@ -175,6 +278,37 @@ class _ScannedBlock(Block):
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array) -> tuple[jax.Array, None]:
         return Block.__call__(self, x, mask, self.deterministic), None
+
+
+class _ScannedCachedBlock(Block):
+    """A Block under nn.scan that also reads and writes its layer's slice of the KV cache (scanned inputs)."""
+
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array, index: jax.Array, keys: jax.Array, values: jax.Array):
+        return Block.__call__(self, x, mask, self.deterministic, (keys, values, index))
+
+
+def _cached_blocks(
+    cfg: GPT2Config, x: jax.Array, mask: jax.Array, deterministic: bool, cache: KVCache
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """The blocks reading and writing `cache`; returns the hidden states and the new (keys, values) stacks."""
+    if not cfg.scan_layers:
+        keys, values = [], []
+        for i in range(cfg.n_layer):
+            x, (k, v) = Block(cfg, name=f"h_{i}")(x, mask, deterministic, (cache.keys[i], cache.values[i], cache.index))
+            keys.append(k)
+            values.append(v)
+        return x, (jnp.stack(keys), jnp.stack(values))
+    scanned = nn.scan(
+        _ScannedCachedBlock,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast, nn.broadcast, 0, 0),
+        length=cfg.n_layer,
+    )
+    return scanned(cfg, deterministic, name="h")(x, mask, cache.index, cache.keys, cache.values)
 
 
 def _blocks(cfg: GPT2Config, x: jax.Array, mask: jax.Array, deterministic: bool) -> jax.Array:
@@ -202,9 +336,14 @@ def _attention_mask(length: int, attention_mask: jax.Array | None) -> jax.Array:
 
 
 def _transformer(
-    cfg: GPT2Config, input_ids: jax.Array, attention_mask: jax.Array | None, deterministic: bool
-) -> tuple[jax.Array, nn.Embed]:
-    """Final hidden states and the token embedding; called inside a compact method so names stay top level."""
+    cfg: GPT2Config,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None,
+    deterministic: bool,
+    kv_cache: KVCache | None = None,
+) -> tuple[jax.Array, nn.Embed, KVCache | None]:
+    """Final hidden states, the token embedding and the updated cache (None without one); called inside a compact
+    method so names stay top level."""
     input_ids = jnp.asarray(input_ids)
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must have shape (batch, length), got {input_ids.shape}.")
@@ -214,11 +353,21 @@ def _transformer(
     embed_init = nn.initializers.normal(cfg.initializer_range)
     wte = nn.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=embed_init, name="wte")
     wpe = nn.Embed(cfg.n_positions, cfg.n_embd, embedding_init=embed_init, name="wpe")
-    x = wte(input_ids) + wpe(jnp.arange(length)[None])
+    if kv_cache is not None:
+        if attention_mask is not None:
+            raise ValueError("With kv_cache, padding is the cache's `start` (see init_cache); drop attention_mask.")
+        _check_cache(cfg, kv_cache, input_ids.shape)
+        positions, mask = _cache_positions_and_mask(kv_cache, length)
+    else:
+        positions, mask = jnp.arange(length)[None], _attention_mask(length, attention_mask)
+    x = wte(input_ids) + wpe(positions)
     x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
-    mask = _attention_mask(length, attention_mask)
-    x = _blocks(cfg, x, mask, deterministic)
-    return nn.LayerNorm(cfg.layer_norm_epsilon, name="ln_f")(x), wte
+    if kv_cache is None:
+        x, new_cache = _blocks(cfg, x, mask, deterministic), None
+    else:
+        x, (keys, values) = _cached_blocks(cfg, x, mask, deterministic, kv_cache)
+        new_cache = KVCache(keys, values, kv_cache.index + length, kv_cache.start)
+    return nn.LayerNorm(cfg.layer_norm_epsilon, name="ln_f")(x), wte, new_cache
 
 
 class GPT2(nn.Module):
@@ -233,14 +382,20 @@ class GPT2(nn.Module):
         attention_mask: jax.Array | None = None,
         deterministic: bool = True,
         return_hidden: bool = False,
-    ) -> jax.Array:
+        kv_cache: KVCache | None = None,
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
         """Next-token logits (batch, length, vocab); ``attention_mask`` (1 = real token) hides pad keys.
 
         ``return_hidden=True`` returns the final hidden states (batch, length, n_embd) instead, e.g. to score
         only a subset of the vocabulary against ``params["wte"]["embedding"]``.
+
+        With ``kv_cache`` (from :func:`init_cache`) the tokens are the next ``length`` positions of each row: their
+        keys and values are written into the cache at ``kv_cache.index``, they attend to everything cached before
+        them (left padding hidden by ``kv_cache.start``), and the call returns ``(logits, new_cache)``.
         """
-        hidden, wte = _transformer(self.config, input_ids, attention_mask, deterministic)
-        return hidden if return_hidden else wte.attend(hidden)
+        hidden, wte, new_cache = _transformer(self.config, input_ids, attention_mask, deterministic, kv_cache)
+        out = hidden if return_hidden else wte.attend(hidden)
+        return out if kv_cache is None else (out, new_cache)
 
 
 class GPT2Classifier(nn.Module):
@@ -265,7 +420,7 @@ class GPT2Classifier(nn.Module):
         deterministic: bool = True,
     ) -> jax.Array:
         """Class logits of shape (batch, num_classes)."""
-        hidden, _ = _transformer(self.config, input_ids, attention_mask, deterministic)
+        hidden, _, _ = _transformer(self.config, input_ids, attention_mask, deterministic)
         index = _last_token_index(hidden.shape[:2], lengths, attention_mask)
         pooled = jnp.take_along_axis(hidden, index[:, None, None], axis=1)[:, 0]
         head = nn.Dense(self.num_classes, use_bias=False, name="head")
@@ -322,6 +477,219 @@ def _greedy_fill(model: GPT2, params: Params, buffer: jax.Array, prompt_len: jax
         return jax.lax.dynamic_update_index_in_dim(buffer, next_token.astype(jnp.int32), position + 1, axis=1)
 
     return jax.lax.fori_loop(0, max_new_tokens, step, buffer)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Generation with the KV cache: greedy or sampled, any forward (base, jaxlora.apply, jaxlora.apply_bank)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def apply_model(model: GPT2, params: Params, input_ids: jax.Array, kv_cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """The default `forward` of :func:`generate`: the plain model, ``model.apply({"params": params}, ...)``.
+
+    Args:
+      model: the GPT2 module.
+      params: its params.
+      input_ids: (batch, length) tokens to append to the cache.
+      kv_cache: the cache.
+
+    Returns:
+      ``(logits, new_cache)``.
+
+    Example:
+      >>> model = GPT2(GPT2Config(vocab_size=32, n_positions=8, n_embd=8, n_layer=1, n_head=2))
+      >>> params = model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+      >>> logits, cache = apply_model(model, params, jnp.ones((1, 3), jnp.int32), init_cache(model.config, 1, 8))
+      >>> logits.shape, int(cache.index)
+      ((1, 3, 32), 3)
+    """
+    return model.apply({"params": params}, input_ids, kv_cache=kv_cache)
+
+
+def sample_token(key: jax.Array, logits: jax.Array, temperature: float = 1.0, top_k: int | None = None) -> jax.Array:
+    """One token per row drawn from softmax(logits / temperature), restricted to the `top_k` largest logits.
+
+    Args:
+      key: a ``jax.random.key``.
+      logits: (..., vocab).
+      temperature: > 0; lower is closer to greedy.
+      top_k: keep only the k most likely tokens (None: all); ``top_k=1`` is greedy.
+
+    Returns:
+      int32 token ids of shape ``logits.shape[:-1]``.
+
+    Example:
+      >>> int(sample_token(jax.random.key(0), jnp.array([0.0, 5.0, 1.0]), top_k=1))
+      1
+    """
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    return jax.random.categorical(key, logits).astype(jnp.int32)
+
+
+def left_pad(prompts: Any, pad_token_id: int = 50256) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts of different lengths as one left-padded batch for :func:`generate`.
+
+    Args:
+      prompts: a sequence of non-empty token-id sequences.
+      pad_token_id: the filler (GPT-2's <|endoftext|> by default; never attended to).
+
+    Returns:
+      ``(input_ids, attention_mask)``, both (batch, longest prompt), mask 1 on real tokens.
+
+    Raises:
+      ValueError: for no prompts or an empty one.
+
+    Example:
+      >>> ids, mask = left_pad([[5, 6, 7], [8]], pad_token_id=0)
+      >>> ids.tolist(), mask.tolist()
+      ([[5, 6, 7], [0, 0, 8]], [[1, 1, 1], [0, 0, 1]])
+    """
+    prompts = [np.asarray(p, np.int32).reshape(-1) for p in prompts]
+    if not prompts or any(p.size == 0 for p in prompts):
+        raise ValueError("left_pad needs at least one prompt and no empty prompt.")
+    width = max(p.size for p in prompts)
+    ids = np.full((len(prompts), width), pad_token_id, np.int32)
+    mask = np.zeros((len(prompts), width), np.int32)
+    for row, p in enumerate(prompts):
+        ids[row, width - p.size :], mask[row, width - p.size :] = p, 1
+    return ids, mask
+
+
+def generate(
+    model: GPT2,
+    params: Any,
+    input_ids: Any,
+    max_new_tokens: int,
+    *,
+    attention_mask: Any = None,
+    rng: jax.Array | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    forward: Any = apply_model,
+    cache_dtype: Any = jnp.float32,
+    return_logits: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """The prompts followed by `max_new_tokens` generated tokens, decoded incrementally with a KV cache.
+
+    The prompt runs once into the cache (prefill), then one token per step inside a ``lax.scan``: one compiled
+    program per (batch, prompt length, max_new_tokens, forward), whatever the tokens, adapters or key. Greedy
+    (argmax) without `rng`; with `rng`, sampled by :func:`sample_token` with a key folded per step, so the same
+    key gives the same tokens. Rows of different prompt lengths are left-padded (:func:`left_pad`): the padding is
+    never attended to and each row's positions start at 0, so a row decodes as it would alone.
+
+    `forward(model, params, input_ids, kv_cache) -> (logits, new_cache)` runs the model; the default is the
+    plain model. LoRA adapters, unmerged, or a mixed batch over an adapter bank::
+
+        def lora(model, state, ids, cache):
+            params, adapters = state
+            return jaxlora.apply(model, {"params": params}, adapters, plan, ids, kv_cache=cache)
+
+        def bank(model, state, ids, cache):
+            params, bank, adapter_ids = state
+            return jaxlora.apply_bank(model, {"params": params}, bank, adapter_ids, ids, kv_cache=cache)
+
+    `forward` is a static argument (compiled per function object): define it once, not anew for every call.
+
+    Args:
+      model: a :class:`GPT2`.
+      params: what `forward` takes as its state (the model's params for the default).
+      input_ids: (batch, length) or (length,) integer prompt(s).
+      max_new_tokens: tokens to append (>= 1); prompt + new tokens must fit ``n_positions``.
+      attention_mask: (batch, length), 1 on real tokens, for left-padded prompts (the last column all 1).
+      rng: a ``jax.random.key`` to sample; None for greedy decoding.
+      temperature: sampling temperature (> 0; ignored when greedy).
+      top_k: sample among the k most likely tokens (None: all; ignored when greedy).
+      forward: the model call, see above.
+      cache_dtype: dtype of the cached keys and values.
+      return_logits: also return the logits each new token was chosen from, (batch, max_new_tokens, vocab).
+
+    Returns:
+      int32 tokens (batch, length + max_new_tokens), 1-D when `input_ids` was; with `return_logits`,
+      ``(tokens, logits)``.
+
+    Raises:
+      ValueError: an empty or non-integer prompt, padding that is not on the left, too many tokens for
+        ``n_positions``, or bad sampling settings.
+
+    Example:
+      >>> model = GPT2(GPT2Config(vocab_size=32, n_positions=16, n_embd=8, n_layer=1, n_head=2))
+      >>> params = model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+      >>> ids, mask = left_pad([[5, 6, 7], [8]])
+      >>> generate(model, params, ids % 32, 4, attention_mask=mask).shape
+      (2, 7)
+    """
+    ids = np.asarray(input_ids)
+    squeeze = ids.ndim == 1
+    ids = ids[None] if squeeze else ids
+    if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"input_ids must be a non-empty integer (batch, length) or (length,) array, got {ids.shape}.")
+    mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask, bool)
+    mask = mask[None] if squeeze and mask.ndim == 1 else mask
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask has shape {mask.shape}, input_ids {ids.shape}; they must be equal.")
+    start = ids.shape[1] - mask.sum(axis=1)
+    if not np.array_equal(mask, np.arange(ids.shape[1])[None] >= start[:, None]) or not mask[:, -1].all():
+        raise ValueError(
+            "attention_mask must be 0 on a leading run of padding and 1 after it, with at least one real token "
+            "per row: pad batched prompts on the left (see left_pad)."
+        )
+    if not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
+    if ids.shape[1] + max_new_tokens > model.config.n_positions:
+        raise ValueError(
+            f"prompt length {ids.shape[1]} + max_new_tokens {max_new_tokens} exceeds n_positions="
+            f"{model.config.n_positions}; shorten the prompt or generate fewer tokens."
+        )
+    if rng is not None and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 to sample, got {temperature}.")
+    if top_k is not None and not (isinstance(top_k, int | np.integer) and 1 <= top_k <= model.config.vocab_size):
+        raise ValueError(f"top_k must be an integer in 1..vocab_size={model.config.vocab_size} or None, got {top_k!r}.")
+    fed = np.where(mask, ids, 0)  # the padding is never attended to, but an id outside the vocabulary would be NaN
+    tokens, logits = _decode(
+        model, forward, params, jnp.asarray(fed, jnp.int32), jnp.asarray(start, jnp.int32),
+        jax.random.key(0) if rng is None else rng, jnp.float32(temperature),
+        max_new_tokens=int(max_new_tokens), top_k=None if top_k is None else int(top_k), greedy=rng is None,
+        cache_dtype=jnp.dtype(cache_dtype), return_logits=return_logits,
+    )  # fmt: skip
+    out = jnp.concatenate([jnp.asarray(ids, jnp.int32), tokens], axis=1)
+    out = out[0] if squeeze else out
+    if return_logits:
+        return out, logits[0] if squeeze else logits
+    return out
+
+
+@partial(
+    jax.jit,
+    static_argnames=("model", "forward", "max_new_tokens", "top_k", "greedy", "cache_dtype", "return_logits"),
+)
+def _decode(model, forward, params, ids, start, key, temperature, *, max_new_tokens, top_k, greedy, cache_dtype,
+            return_logits):  # fmt: skip
+    """Prefill, then max_new_tokens - 1 single-token steps; the new tokens (batch, new) and their logits."""
+    batch, length = ids.shape
+    cache = init_cache(model.config, batch, length + max_new_tokens, start, cache_dtype)
+    logits, cache = forward(model, params, ids, cache)
+
+    def pick(step, logits):
+        if greedy:
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return sample_token(jax.random.fold_in(key, step), logits, temperature, top_k)
+
+    def step(carry, i):
+        cache, last = carry
+        token = pick(i, last)
+        logits, cache = forward(model, params, token[:, None], cache)
+        return (cache, logits[:, -1].astype(jnp.float32)), (token, last if return_logits else None)
+
+    last = logits[:, -1].astype(jnp.float32)
+    (_, last), (tokens, seen) = jax.lax.scan(step, (cache, last), jnp.arange(max_new_tokens - 1))
+    final = pick(max_new_tokens - 1, last)
+    tokens = jnp.concatenate([tokens.T, final[:, None]], axis=1)
+    if not return_logits:
+        return tokens, None
+    return tokens, jnp.concatenate([jnp.moveaxis(seen, 0, 1), last[:, None]], axis=1)
 
 
 # --------------------------------------------------------------------------------------------------------------
