@@ -130,7 +130,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     base_bytes = None if nf4 is None or fp32 is None else nf4["frozen_bytes"] / fp32["frozen_bytes"]
     detail = (
         "frozen_bytes of jax_gpt2_lora_r16_nf4 / jax_gpt2_lora_r16 "
-        "(the whole frozen tree: the embeddings and LayerNorms stay float32)"
+        "(the whole frozen tree: kernels and embedding tables NF4, LayerNorms and biases float32)"
     )
     out.append(_target("NF4 frozen base bytes vs float32", base_bytes, 0.3, "x", detail))
     multi = _ok(results, "jax_gpt2_multi_adapter")
