@@ -314,6 +314,11 @@ def test_quantized_embeddings_serve_the_lookup_and_the_tied_head(kind):
     jax.tree.map(lambda g, r: np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4 * np.abs(r).max()), got, ref)
     # The frozen quantized table gets no gradient, and a frozen (unadapted) quantized wpe serves too.
     assert "wpe" not in adapters and "wpe" not in plan.leaves
+    # The plan's view of each quantized leaf, with W's quantization error.
+    rows = {line.split()[0]: line for line in jq.report(params, quantized, plan).splitlines()[2:] if line.strip()}
+    error = f"{jq.relative_error(params['wte']['embedding'], quantized['wte']['embedding']):.4f}"
+    assert "r4 A(96, 4) B(4, 128)" in rows["wte/embedding"] and rows["wte/embedding"].endswith(error)
+    assert "frozen" in rows["wpe/embedding"] and "r4" in rows["h_0/attn/c_attn/kernel"]
 
 
 def test_a_lookup_decodes_only_the_rows_it_gathers():

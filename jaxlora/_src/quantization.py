@@ -227,10 +227,29 @@ def nbytes(leaf: Any) -> int:
     return math.ceil(int(np.prod(np.shape(leaf))) * bits / 8)
 
 
-def report(params: PyTree, quantized: PyTree) -> str:
-    """A table per quantized leaf: format, float32 bytes, quantized bytes, and W's relative quantization error."""
+def report(params: PyTree, quantized: PyTree, plan: Plan | LoraConfig | None = None) -> str:
+    """A table per quantized leaf: format, float32 bytes, quantized bytes, and W's relative quantization error.
+
+    Args:
+      params: the float tree that was quantized.
+      quantized: the tree `quantize` returned.
+      plan: optional; adds the plan's view of each leaf (its LoRA rank and A/B shapes, or "frozen").
+
+    Returns:
+      The table as text, with the totals.
+
+    Example:
+      >>> import jax, jaxlora
+      >>> from jaxlora import quantization
+      >>> params = {"dense": {"kernel": jax.random.normal(jax.random.key(0), (128, 8))}}
+      >>> plan = jaxlora.plan(params, jaxlora.LoraConfig(rank=2))
+      >>> print(quantization.report(params, quantization.quantize(params, plan), plan).splitlines()[2])
+      dense/kernel  r2 A(128, 2) B(2, 8)  nf4/64  4,096          576              0.0945
+    """
     floats = dict(leaves_with_paths(params))
-    rows = [("leaf", "format", "float32 bytes", "quantized bytes", "rel. error ‖W-Q(W)‖/‖W‖")]
+    leaves = {} if plan is None else resolve(params, plan).leaves
+    rows = [("leaf", *(("adapter",) if plan is not None else ()), "format", "float32 bytes", "quantized bytes")]
+    rows[0] += ("rel. error ‖W-Q(W)‖/‖W‖",)
     total_float = total_quantized = 0
     for path, leaf in leaves_with_paths(quantized):
         if not is_quantized(leaf):
@@ -240,12 +259,17 @@ def report(params: PyTree, quantized: PyTree) -> str:
         total_float += float_bytes
         total_quantized += nbytes(leaf)
         label = f"nf4/{block}" if kind == "nf4" else ("int8/channel" if axis == 0 else "int8/row")
-        rows.append((path, label, f"{float_bytes:,}", f"{nbytes(leaf):,}", f"{relative_error(floats[path], leaf):.4f}"))
+        adapter = ()
+        if plan is not None:
+            planned = leaves.get(path)
+            adapter = ("frozen" if planned is None else f"r{planned.rank} A{planned.a_shape} B{planned.b_shape}",)
+        error = f"{relative_error(floats[path], leaf):.4f}"
+        rows.append((path, *adapter, label, f"{float_bytes:,}", f"{nbytes(leaf):,}", error))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     if total_float:
-        lines.append(f"\nquantized kernels: {total_quantized:,} bytes, {total_quantized / total_float:.3f}x float32")
+        lines.append(f"\nquantized leaves: {total_quantized:,} bytes, {total_quantized / total_float:.3f}x float32")
     return "\n".join(lines)
 
 
