@@ -158,6 +158,9 @@ def _configs() -> list[Config]:
             add(f"torch_{tag}_full", "torch", "small", f"torch {tag} full (AdamW default)")
             add(f"torch_{tag}_peft", "torch", "small", f"PEFT {tag} r1 (AdamW default)")
             add(f"torch_{tag}_peft_fused", "torch", "small", f"PEFT {tag} r1 (AdamW fused)")
+    # --- variants (issue 19) ---
+    add("torch_gpt2_peft_r16_dora", "torch", "gpt2_train", "PEFT r16 DoRA (AdamW default)")
+    # --- end variants ---
     add("jax_matmul", "jax", "matmul", "jnp.matmul float32")
     add("torch_matmul", "torch", "matmul", "torch.mm float32")
     return c

@@ -66,6 +66,17 @@ def _compile(fn: Callable, *args: Any) -> tuple[Any, float, float | None]:
     return compiled, end - start, _xla_flops(compiled)
 
 
+def _step_memory(compiled: Any) -> dict[str, int]:
+    """XLA's compiled memory of a step: arguments + outputs + temporaries - donated (aliased) bytes."""
+    try:
+        mem = compiled.memory_analysis()
+        sizes = {k: int(getattr(mem, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp", "alias")}
+    except Exception:
+        return {}
+    peak = sizes["argument"] + sizes["output"] + sizes["temp"] - sizes["alias"]
+    return {"step_peak_bytes": peak, "step_temp_bytes": sizes["temp"], "step_argument_bytes": sizes["argument"]}
+
+
 def _count(tree: Any) -> int:
     return sum(int(np.size(x)) for x in jax.tree.leaves(tree))
 
@@ -101,6 +112,7 @@ def _train_result(
     timing = common.time_steps(one, _block, warmup=profile.warmup, steps=steps, repeats=repeats)
     return {
         **common.throughput(timing, model_flops),
+        **_step_memory(compiled),
         "compile_s": compile_s,
         "xla_gflop": None if xla_flops is None else xla_flops / 1e9,
         "losses": common.finite_losses(losses),
@@ -230,7 +242,7 @@ def _gpt2_lora_train(profile: Profile, cfg: jaxlora.LoraConfig, variant: str | N
     params, adapters = jaxlora.init(jax.random.key(1), params, plan)
     quantized = kw.pop("quantized", None)
     if quantized is not None:  # QLoRA: the adapted kernels stored as NF4 / int8, dequantized inside the step
-        params = jaxlora.quantization.quantize(params, plan, kind=quantized)
+        params = jaxlora.quantization.quantize(params, plan, kind=quantized, embeddings=True)
     trainable, frozen = jaxlora.partition(params, adapters, plan)
     counts = {
         "trainable_params": _count(trainable),

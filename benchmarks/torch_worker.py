@@ -139,8 +139,9 @@ def _gpt2_batches(shape: GPT2Shape, count: int) -> list[tuple[torch.Tensor, torc
     ]
 
 
-def _peft_gpt2(shape: GPT2Shape, variant: str) -> nn.Module:
-    """PEFT LoRA on GPT-2's Conv1D layers (fan_in_fan_out=True), the new `score` head trained in full."""
+def _peft_gpt2(shape: GPT2Shape, variant: str, dora: bool = False) -> nn.Module:
+    """PEFT LoRA (DoRA with `dora`) on GPT-2's Conv1D layers (fan_in_fan_out=True), the new `score` head trained
+    in full."""
     from peft import LoraConfig, get_peft_model
 
     spec = GPT2_LORA[variant]
@@ -154,6 +155,7 @@ def _peft_gpt2(shape: GPT2Shape, variant: str) -> nn.Module:
         bias="none",
         modules_to_save=["score"],
         task_type="SEQ_CLS",
+        **({"use_dora": True} if dora else {}),
     )
     return get_peft_model(_gpt2(shape), config)
 
@@ -170,10 +172,10 @@ def _gpt2_loss(model: nn.Module, autocast: bool) -> Callable[[Any, Any], torch.T
     return forward_loss
 
 
-def gpt2_train(variant: str | None, optimizer: str = "default", autocast: bool = False):
+def gpt2_train(variant: str | None, optimizer: str = "default", autocast: bool = False, dora: bool = False):
     def run(profile: Profile) -> dict[str, Any]:
         shape = profile.gpt2
-        model = _gpt2(shape) if variant is None else _peft_gpt2(shape, variant)
+        model = _gpt2(shape) if variant is None else _peft_gpt2(shape, variant, dora)
         params = [p for p in model.parameters() if p.requires_grad]
         opt, impl = _adamw(params, common.GPT2_LR, common.GPT2_WEIGHT_DECAY, optimizer)
         flops = common.gpt2_flops(shape, "full") if variant is None else common.gpt2_flops(shape, "lora", variant)
@@ -340,6 +342,10 @@ from benchmarks import multi_adapter_peft  # noqa: E402
 
 RUNNERS["torch_gpt2_multi_adapter_prefill_peft"] = multi_adapter_peft.prefill
 RUNNERS["torch_gpt2_multi_adapter_decode_peft"] = multi_adapter_peft.decode
+
+# --- variants (issue 19): PEFT DoRA beside jaxlora's -------------------------------------------------------------
+RUNNERS["torch_gpt2_peft_r16_dora"] = gpt2_train("r16", dora=True)
+# --- end variants ---------------------------------------------------------------------------------------------
 
 __all__ = ["RUNNERS", "Unavailable"]
 

@@ -235,22 +235,25 @@ def _step_memory(params, plan, model, tokens, frozen_dense):
     return peak, base
 
 
-def test_quantized_step_memory_falls_by_the_bytes_quantization_saves():
+@pytest.mark.parametrize("embeddings", [False, True])
+def test_quantized_step_memory_falls_by_the_bytes_quantization_saves(embeddings):
     from jaxlora.models import gpt2
 
-    # GPT-2 small's layout at a quarter of its width and a third of its depth, with a toy vocabulary: the kernels
-    # dominate the base, as in GPT-2 small. One layer's dequantized kernel is a transient the saving must cover.
-    cfg = gpt2.GPT2Config(n_layer=4, n_head=4, n_embd=256, vocab_size=128, n_positions=32)
+    # GPT-2 small's layout at a quarter of its width and a third of its depth: the kernels dominate the base, as in
+    # GPT-2 small. One layer's dequantized kernel is a transient the saving must cover. With `embeddings`, the
+    # tables are quantized too and the vocabulary is large enough for the tied head's table to matter.
+    vocab = 2048 if embeddings else 128
+    cfg = gpt2.GPT2Config(n_layer=4, n_head=4, n_embd=256, vocab_size=vocab, n_positions=32)
     model = gpt2.GPT2(cfg)
     tokens = jax.random.randint(jax.random.key(0), (2, 17), 0, cfg.vocab_size)
     params = model.init(jax.random.key(2), tokens[:, :-1])["params"]
     plan = jaxlora.plan(params, jaxlora.LoraConfig(rank=16, alpha=32.0))
-    quantized = jq.quantize(params, plan, kind="nf4")
-    float_kernels = sum(
-        4 * leaf.size for path, leaf in jaxlora._src.paths.leaves_with_paths(params) if path in plan.leaves
-    )
+    quantized = jq.quantize(params, plan, kind="nf4", embeddings=embeddings)
+    chosen = {path for path, leaf in jaxlora._src.paths.leaves_with_paths(quantized) if jq.is_quantized(leaf)}
+    assert ({"wte/embedding", "wpe/embedding"} <= chosen) == embeddings and set(plan.leaves) <= chosen
+    float_kernels = sum(4 * leaf.size for path, leaf in jaxlora._src.paths.leaves_with_paths(params) if path in chosen)
     nf4_kernels = sum(
-        jq.nbytes(leaf) for path, leaf in jaxlora._src.paths.leaves_with_paths(quantized) if path in plan.leaves
+        jq.nbytes(leaf) for path, leaf in jaxlora._src.paths.leaves_with_paths(quantized) if path in chosen
     )
     assert nf4_kernels <= 0.3 * float_kernels
 
@@ -260,3 +263,93 @@ def test_quantized_step_memory_falls_by_the_bytes_quantization_saves():
     assert saved == float_kernels - nf4_kernels
     print(f"float32 base: peak {float_peak:,} B; nf4 base: peak {nf4_peak:,} B; base bytes saved {saved:,} B")
     assert float_peak - nf4_peak >= 0.75 * saved, (float_peak, nf4_peak, saved)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Quantized embedding tables (GPT-2's wte, tied to the LM head, and wpe)
+
+
+def _tied_gpt2(kind):
+    from jaxlora.models import gpt2
+
+    cfg = gpt2.GPT2Config(n_layer=2, n_head=2, n_embd=128, vocab_size=96, n_positions=16)
+    model = gpt2.GPT2(cfg)
+    tokens = jax.random.randint(jax.random.key(0), (2, 9), 0, cfg.vocab_size)
+    params = model.init(jax.random.key(1), tokens)["params"]
+    config = jaxlora.LoraConfig(rank=4, alpha=8.0, targets=(r"wte/embedding", r"h_\d+/attn/c_attn/kernel"))
+    plan = jaxlora.plan(params, config)
+    return model, tokens, params, plan, jq.quantize(params, plan, kind=kind, embeddings=True)
+
+
+def _plain_reference(model, quantized, adapters, plan, tokens):
+    """Plain jnp: every quantized leaf dequantized, W + s·A B formed for each adapted leaf, the model applied."""
+    dense = jq.dequantize_params(quantized)
+    for path, leaf in plan.leaves.items():
+        *parents, name = path.split("/")
+        node, pair = dense, adapters
+        for key in parents:
+            node, pair = node[key], pair[key]
+        node[name] = node[name] + leaf.scale * pair[name]["lora_a"] @ pair[name]["lora_b"]
+    return model.apply({"params": dense}, tokens)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_quantized_embeddings_serve_the_lookup_and_the_tied_head(kind):
+    model, tokens, params, plan, quantized = _tied_gpt2(kind)
+    for name, rows in (("wte", 96), ("wpe", 16)):  # quantized in rows: one scale per row (per block of 64 in NF4)
+        table = quantized[name]["embedding"]
+        assert jq.is_quantized(table) and table.scale.shape == (rows, 2 if kind == "nf4" else 1)
+    assert not jq.is_quantized(quantized["ln_f"]["scale"]) and not jq.is_quantized(quantized["h_0"]["ln_1"]["bias"])
+    _, adapters = jaxlora.init(jax.random.key(2), params, plan)
+    adapters = _trained(adapters)
+    forward = jaxlora.apply_fn(model, plan, strict=True)
+    want = _plain_reference(model, quantized, adapters, plan, tokens)
+    np.testing.assert_allclose(forward({"params": quantized}, adapters, tokens), want, rtol=1e-5, atol=1e-5)
+
+    def loss(f):
+        return lambda adapters: jnp.sum(jnp.sin(f(adapters)))
+
+    got = jax.grad(loss(lambda a: forward({"params": quantized}, a, tokens)))(adapters)
+    ref = jax.grad(loss(lambda a: _plain_reference(model, quantized, a, plan, tokens)))(adapters)
+    jax.tree.map(lambda g, r: np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4 * np.abs(r).max()), got, ref)
+    # The frozen quantized table gets no gradient, and a frozen (unadapted) quantized wpe serves too.
+    assert "wpe" not in adapters and "wpe" not in plan.leaves
+    # The plan's view of each quantized leaf, with W's quantization error.
+    rows = {line.split()[0]: line for line in jq.report(params, quantized, plan).splitlines()[2:] if line.strip()}
+    error = f"{jq.relative_error(params['wte']['embedding'], quantized['wte']['embedding']):.4f}"
+    assert "r4 A(96, 4) B(4, 128)" in rows["wte/embedding"] and rows["wte/embedding"].endswith(error)
+    assert "frozen" in rows["wpe/embedding"] and "r4" in rows["h_0/attn/c_attn/kernel"]
+
+
+def test_a_lookup_decodes_only_the_rows_it_gathers():
+    table = jax.random.normal(jax.random.key(0), (4096, 256))
+    q = jq.quantize_array(table, "nf4", axis=1)
+    ids = jax.random.randint(jax.random.key(1), (2, 16), 0, 4096)
+    np.testing.assert_array_equal(jq.embedding_rows(q, ids, jnp.float32), jq.dequantize(q)[ids])
+    assert jq.relative_error(table, q) < 0.15
+    # No value of the traced lookup is as large as the table (XLA may also sink a gather through a whole-table
+    # decode, but that is its choice, not a promise: the jaxpr itself must decode only the gathered rows).
+    jaxpr = jax.make_jaxpr(lambda q, ids: jq.embedding_rows(q, ids, jnp.float32))(q, ids)
+    sizes = [int(np.prod(v.aval.shape)) for eqn in jaxpr.eqns for v in eqn.outvars]
+    assert max(sizes) < 0.01 * table.size
+
+
+def test_embedding_quantization_is_exact_in_slices_and_refuses_a_block_that_does_not_divide():
+    from jaxlora._src import quantization as implementation
+
+    table = jax.random.normal(jax.random.key(3), (300, 128))
+    whole = jq.quantize_array(table, "nf4", axis=1)
+    saved = implementation._SLICE_ELEMENTS
+    implementation._SLICE_ELEMENTS = 128 * 7  # 43 slices of 7 rows
+    try:
+        sliced = jq.quantize_array(table, "nf4", axis=1)
+    finally:
+        implementation._SLICE_ELEMENTS = saved
+    np.testing.assert_array_equal(sliced.qvalue, whole.qvalue)
+    np.testing.assert_array_equal(sliced.scale, whole.scale)
+    params = {"embed": {"embedding": jnp.ones((10, 96))}, "dense": {"kernel": jnp.ones((64, 4))}}
+    plan = jaxlora.plan(params, jaxlora.LoraConfig(rank=2, targets=(r"dense/kernel",)))
+    message = "cannot quantize 'embed/embedding' of shape (10, 96) to NF4 in blocks of 64: the blocks run along its 96"
+    with pytest.raises(ValueError, match=re.escape(message) + ".*pass block_size=32"):
+        jq.quantize(params, plan, embeddings=True)
+    assert not jq.is_quantized(jq.quantize(params, plan)["embed"]["embedding"])  # embeddings=False by default

@@ -18,7 +18,7 @@ from jax import lax
 from jaxlora._src.dora import dora_linear, dora_linear_dropout
 from jaxlora._src.layer_kinds import Adapter, LayerCall, additive, linear_term, register_layer
 from jaxlora._src.linear import lora_linear
-from jaxlora._src.quantization import is_quantized, quantized_linear
+from jaxlora._src.quantization import embedding_rows, is_quantized, quantized_attend, quantized_linear
 
 # Set while jaxlora computes an adapter term with a helper module, so that its calls are not intercepted.
 inside_adapter = contextvars.ContextVar("jaxlora_inside_adapter", default=False)
@@ -155,6 +155,25 @@ def _embed_term(call: LayerCall) -> jax.Array:
     return adapter.scale * lax.dot_general(qb, adapter.a, (((qb.ndim - 1,), (1,)), ((), ())))
 
 
+def serve_embed(call: LayerCall) -> Any:
+    """nn.Embed: the LoRA term added to the lookup / attend; over a quantized table, the base is computed here
+    (a lookup decodes only its rows, `attend` decodes the table inside its forward and backward pass)."""
+    module = call.module
+    table = module.get_variable("params", "embedding")
+    if not is_quantized(table):
+        return additive(_embed_term)(call)
+    if call.method == "__call__":
+        if not jnp.issubdtype(jnp.asarray(call.x).dtype, jnp.integer):
+            raise ValueError("Input type must be an integer or unsigned integer.")  # flax's own check
+        base = embedding_rows(table, call.x, module.dtype or table.scale.dtype)
+    else:
+        dtype = module.dtype or jnp.result_type(call.x, table.scale.dtype)
+        base = quantized_attend(jnp.asarray(call.x, dtype), table)
+    if call.adapter is None:
+        return base
+    return base + _embed_term(call).astype(base.dtype)
+
+
 def register_builtin_layers() -> None:
     """Registers the five linen kinds (once; called when jaxlora is imported)."""
     register_layer(nn.Dense, serve_dense, contraction=lambda module: 1, serves_frozen=True, supports_dora=True)
@@ -162,5 +181,10 @@ def register_builtin_layers() -> None:
     register_layer(nn.Einsum, additive(_einsum_term), contraction=_einsum_contraction)
     register_layer(nn.Conv, additive(_conv_term), contraction=_conv_contraction)
     register_layer(
-        nn.Embed, additive(_embed_term), param="embedding", methods=("__call__", "attend"), contraction=lambda m: 1
+        nn.Embed,
+        serve_embed,
+        param="embedding",
+        methods=("__call__", "attend"),
+        contraction=lambda m: 1,
+        serves_frozen=True,  # a quantized table needs serving without adapter too
     )

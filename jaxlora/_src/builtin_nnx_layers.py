@@ -2,7 +2,8 @@
 
 Registered with `register_layer` like the linen kinds; the LoRA terms of LinearGeneral, Einsum and Embed are the
 linen ones (they read only the layer's configuration and its input), Linear goes through the same hand-written
-`lora_linear` backward pass, and Conv runs the layer's own convolution with A as its kernel.
+`lora_linear` backward pass (DoRA adapters through `dora_linear`, as linen's Dense), and Conv runs the layer's
+own convolution with A as its kernel.
 """
 
 from __future__ import annotations
@@ -13,7 +14,13 @@ from typing import Any
 import jax
 from flax import nnx
 
-from jaxlora._src.builtin_layers import _dense_general_term, _einsum_axes, _einsum_term, _embed_term
+from jaxlora._src.builtin_layers import (
+    _dense_general_term,
+    _einsum_axes,
+    _einsum_term,
+    _embed_term,
+    serve_dora_dense,
+)
 from jaxlora._src.layer_kinds import LayerCall, additive, linear_term, register_layer
 from jaxlora._src.linear import lora_linear
 
@@ -30,11 +37,20 @@ def _plain_linear(module: nnx.Linear) -> bool:
 
 def _serve_linear(call: LayerCall) -> Any:
     module, adapter = call.module, call.adapter
-    if adapter is None or not (_plain_linear(module) and len(call.args) == 1 and not call.kwargs):
+    plain = _plain_linear(module) and len(call.args) == 1 and not call.kwargs
+    if adapter is not None and adapter.magnitude is not None and not plain:
+        raise ValueError(
+            f"DoRA is served for a plain nnx.Linear call; the layer adapted at {adapter.leaf.path!r} sets "
+            "dot_general/precision/preferred_element_type or is called with extra arguments: exclude it from the "
+            "targets or use plain LoRA for it"
+        )
+    if adapter is None or not plain:
         return additive(linear_term)(call)
     kernel = module.kernel[...]
     bias = module.bias[...] if module.bias is not None else None
     x, kernel, bias = module.promote_dtype((call.x, kernel, bias), dtype=module.dtype)
+    if adapter.magnitude is not None:
+        return serve_dora_dense(x, kernel, bias, adapter)
     return lora_linear(x, adapter.drop(x), kernel, bias, adapter.a, adapter.b, adapter.scale)
 
 
@@ -76,7 +92,7 @@ def _conv_term(call: LayerCall) -> jax.Array:
 
 def register_builtin_nnx_layers() -> None:
     """Registers the five nnx kinds (once; called when jaxlora is imported)."""
-    register_layer(nnx.Linear, _serve_linear, contraction=lambda module: 1)
+    register_layer(nnx.Linear, _serve_linear, contraction=lambda module: 1, supports_dora=True)
     register_layer(nnx.LinearGeneral, additive(_dense_general_term), contraction=_linear_general_contraction)
     register_layer(nnx.Einsum, additive(_einsum_served_term), contraction=_einsum_contraction)
     register_layer(nnx.Conv, additive(_conv_term), contraction=_conv_contraction)

@@ -115,13 +115,13 @@ def _bwd(scale, residuals, g):
     if want_m:
         safe = jnp.where(norms > 0, norms, 1.0)
         dm = jnp.where(norms > 0, jnp.sum(g.astype(jnp.float32) * h, axis=batch) / safe, 0.0).astype(magnitude.dtype)
-    gc = (g * factor).astype(g.dtype)
-    gs = (scale * gc).astype(b.dtype)
-    gb = _matmul_t(gs, b) if (want_x or want_a) else None  # (..., r)
+    gc = (g * factor).astype(g.dtype)  # the one (..., out) array the backward pass forms
+    # s enters through the small operands (s·B, and the (r, out) product for dB): no second (..., out) array s·gc.
+    gb = _matmul_t(gc.astype(b.dtype), scale * b) if (want_x or want_a) else None  # (..., r)
     dx = (_matmul_t(gc, w) + _matmul_t(gb, a).astype(gc.dtype)).astype(x.dtype) if want_x else None
     dw = _outer(x, gc).astype(w.dtype) if want_w else None
     da = _outer(x.astype(a.dtype), gb) if want_a else None
-    db = _outer(xa, gs) if want_b else None
+    db = (scale * _outer(xa, gc.astype(b.dtype))).astype(b.dtype) if want_b else None
     return dx, dw, dbias, da, db, dm
 
 

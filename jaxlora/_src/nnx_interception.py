@@ -86,6 +86,13 @@ def _serve(module: Any, method: str, original: Callable, args: tuple, kwargs: di
         adapter = _attached(module, kind)
     if adapter is None or (kind.contraction is not None and kind.contraction(module) != adapter.leaf.fan_in_ndim):
         return base()
+    if adapter.magnitude is not None and not kind.supports_dora:
+        layer_type = getattr(module, "jaxlora_layer_type", type(module))
+        raise ValueError(
+            f"DoRA (use_dora=True) is not supported yet for {layer_type.__qualname__} layers (at "
+            f"{adapter.leaf.path!r}); jaxlora serves DoRA for nnx.Linear and linen nn.Dense: exclude this layer from "
+            "the targets (LoraConfig.exclude) or use plain LoRA for it"
+        )
     out = kind.serve(LayerCall(module, method, args, kwargs, adapter, base))
     if out is None:
         return base()
@@ -131,7 +138,8 @@ def _attach(copy: Any, flat: Mapping, plan: Plan, dropout_rng: jax.Array | None)
         layer.__class__ = _served_type(getattr(layer, "jaxlora_layer_type", type(layer)), kind.methods)
         rng = _leaf_rng(dropout_rng, leaf)
         if not leaf.stacked_axes:
-            adapters[id(layer)] = Adapter(pair["lora_a"], pair["lora_b"], leaf, plan.config.dropout, rng)
+            magnitude = pair.get("magnitude")  # DoRA
+            adapters[id(layer)] = Adapter(pair["lora_a"], pair["lora_b"], leaf, plan.config.dropout, rng, magnitude)
             continue
         fits = kind.contraction is None or kind.contraction(layer) == leaf.fan_in_ndim
         if not fits or _param_shape(layer, kind) != leaf.shape:
@@ -176,11 +184,6 @@ def apply_nnx_fn(plan: Plan | LoraConfig, *, strict: bool = False) -> Callable[.
             adapters = adapters.tree()
         params = nnx.state(module, nnx.Param)
         resolved = resolve(params, plan)
-        if resolved.config.use_dora:
-            raise ValueError(
-                "DoRA adapters are served factored for flax.linen nn.Dense only so far; for an NNX module, merge "
-                "them into a copy of its params with jaxlora.merge, or train plain LoRA (use_dora=False)"
-            )
         flat = resolved.check_adapters(adapters)
         rngs = kwargs.get("rngs")
         dropout_rng = _dropout_rng(kwargs)

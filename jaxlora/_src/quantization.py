@@ -16,6 +16,7 @@ The arrays come from qwix (`qwix.quantize` / `qwix.dequantize`, the library tuni
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import math
@@ -61,11 +62,18 @@ def dequantize(x: Any) -> Any:
     return _qwix().dequantize(x) if is_quantized(x) else x
 
 
-def quantize_array(weight: jax.Array, kind: Kind = "nf4", block_size: int = DEFAULT_BLOCK_SIZE, path: str = "W"):
-    """One (in, out) kernel as a `qwix.QArray`: NF4 in blocks of `block_size` along `in`, or int8 per column.
+def quantize_array(
+    weight: jax.Array, kind: Kind = "nf4", block_size: int = DEFAULT_BLOCK_SIZE, path: str = "W", axis: int = 0
+):
+    """One 2-D array as a `qwix.QArray`: NF4 in blocks of `block_size` along `axis`, or int8 with one scale per
+    index of the other axis.
+
+    `axis=0` is a kernel's layout (in, out): blocks along the input features of each output column. `axis=1` is
+    an embedding table's (vocab, features): blocks along each row, so that a lookup decodes only its rows.
 
     Raises:
-      ValueError: for an unknown kind, a kernel that is not 2-D, or a block size that does not divide `in`.
+      ValueError: for an unknown kind, an array that is not 2-D, or a block size that does not divide the
+        length of `axis`.
     """
     qwix = _qwix()
     if kind not in KINDS:
@@ -73,21 +81,52 @@ def quantize_array(weight: jax.Array, kind: Kind = "nf4", block_size: int = DEFA
     shape = tuple(np.shape(weight))
     if len(shape) != 2:
         raise ValueError(
-            f"cannot quantize {path!r} of shape {shape}: quantized bases are served for 2-D kernels (nn.Dense); "
-            "leave it out with quantize(..., targets=...) or adapt only Dense kernels"
+            f"cannot quantize {path!r} of shape {shape}: quantized bases are served for 2-D kernels (nn.Dense) and "
+            "embedding tables (nn.Embed); leave it out with quantize(..., targets=...) or adapt only those"
         )
+    if axis not in (0, 1):
+        raise ValueError(f"axis must be 0 (a kernel's input features) or 1 (an embedding's features), got {axis!r}")
     if kind == "int8":
-        return qwix.quantize(weight, jnp.int8, channelwise_axes=(1,))
+        return qwix.quantize(weight, jnp.int8, channelwise_axes=(1 - axis,))
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-    if shape[0] % block_size:
-        divisors = [d for d in (128, 64, 32, 16, 8) if shape[0] % d == 0]
+    if shape[axis] % block_size:
+        divisors = [d for d in (128, 64, 32, 16, 8) if shape[axis] % d == 0]
+        along = "input features" if axis == 0 else "features per row"
         raise ValueError(
             f"cannot quantize {path!r} of shape {shape} to NF4 in blocks of {block_size}: the blocks run along "
-            f"its {shape[0]} input features, which {block_size} does not divide; pass block_size="
-            f"{divisors[0] if divisors else 'a divisor of ' + str(shape[0])} or leave the leaf out"
+            f"its {shape[axis]} {along}, which {block_size} does not divide; pass block_size="
+            f"{divisors[0] if divisors else 'a divisor of ' + str(shape[axis])} or leave the leaf out"
         )
-    return qwix.quantize(weight, "nf4", channelwise_axes=(1,), tiled_axes={0: block_size})
+    return _in_slices(
+        lambda part: qwix.quantize(part, "nf4", channelwise_axes=(1 - axis,), tiled_axes={axis: block_size}),
+        weight,
+        1 - axis,
+    )
+
+
+_SLICE_ELEMENTS = 1 << 22  # NF4 rounding compares each value with 16 codes: a 50257 x 768 table at once takes 2.5 GB
+
+
+def _in_slices(quantize_fn: Any, weight: jax.Array, keep: int) -> Any:
+    """`quantize_fn(weight)` applied to slices along `keep` (whose indices each have their own scales, so the result
+    is the same) and concatenated, bounding the transient memory of quantizing a large table."""
+    n = np.shape(weight)[keep]
+    step = max(1, _SLICE_ELEMENTS // max(1, int(np.prod(np.shape(weight))) // n))
+    if step >= n:
+        return quantize_fn(weight)
+    weight = jnp.asarray(weight)
+    parts = [quantize_fn(lax.slice_in_dim(weight, i, min(i + step, n), axis=keep)) for i in range(0, n, step)]
+    return dataclasses.replace(
+        parts[0],
+        qvalue=jnp.concatenate([p.qvalue for p in parts], axis=keep),
+        scale=jnp.concatenate([p.scale for p in parts], axis=keep),
+    )
+
+
+def _is_embedding(path: str, leaf: Any) -> bool:
+    """A 2-D `embedding` param: an nn.Embed table (vocab, features), quantized in rows."""
+    return path.rpartition("/")[2] == "embedding" and np.ndim(leaf) == 2
 
 
 def quantize(
@@ -97,6 +136,7 @@ def quantize(
     kind: Kind = "nf4",
     block_size: int = DEFAULT_BLOCK_SIZE,
     frozen_dense: bool = False,
+    embeddings: bool = False,
 ) -> PyTree:
     """The params with every adapted kernel quantized (a pure transform: apply it once and keep the tree).
 
@@ -107,6 +147,9 @@ def quantize(
       block_size: NF4's block length along the input features (QLoRA: 64).
       frozen_dense: also quantize 2-D `kernel` leaves without adapter (frozen nn.Dense layers), except
         modules_to_save.
+      embeddings: also quantize 2-D `embedding` leaves (nn.Embed tables, e.g. GPT-2's wte, tied to its LM head)
+        in blocks along each row, except modules_to_save: a lookup decodes only the rows it gathers, `attend`
+        decodes the table inside its forward and backward pass.
 
     Returns:
       A tree of the same structure with `qwix.QArray` leaves in place of those kernels.
@@ -129,10 +172,10 @@ def quantize(
     def convert(path: str, leaf: Any) -> Any:
         if is_quantized(leaf):
             return leaf
-        chosen = path in resolved.leaves or (
-            frozen_dense and path.rpartition("/")[2] == "kernel" and np.ndim(leaf) == 2 and path not in saved
-        )
-        return quantize_array(leaf, kind, block_size, path) if chosen else leaf
+        table = _is_embedding(path, leaf)
+        frozen_kernel = frozen_dense and path.rpartition("/")[2] == "kernel" and np.ndim(leaf) == 2
+        chosen = path in resolved.leaves or (path not in saved and (frozen_kernel or (embeddings and table)))
+        return quantize_array(leaf, kind, block_size, path, axis=1 if table else 0) if chosen else leaf
 
     return map_with_paths(convert, params)
 
@@ -154,18 +197,19 @@ def requantize(params: PyTree, like: PyTree) -> tuple[PyTree, dict[str, float]]:
     def convert(path: str, leaf: Any) -> Any:
         if path not in formats:
             return leaf
-        kind, block = formats[path]
-        quantized = quantize_array(dequantize(leaf), kind, block, path)
+        kind, block, axis = formats[path]
+        quantized = quantize_array(dequantize(leaf), kind, block, path, axis)
         errors[path] = relative_error(dequantize(leaf), quantized)
         return quantized
 
     return map_with_paths(convert, params), errors
 
 
-def _format(leaf: Any) -> tuple[str, int]:
-    if leaf.qtype == "nf4":
-        return "nf4", leaf.shape[0] // leaf.scale.shape[0]
-    return "int8", leaf.shape[0]
+def _format(leaf: Any) -> tuple[str, int, int]:
+    """(kind, block length, the axis the blocks run along) of a quantized 2-D array."""
+    tiles = [n // m for n, m in zip(leaf.shape, leaf.scale.shape, strict=True)]
+    axis = 1 if tiles[1] > 1 and tiles[0] == 1 else 0
+    return ("nf4" if leaf.qtype == "nf4" else "int8"), tiles[axis], axis
 
 
 def relative_error(weight: jax.Array, quantized: Any) -> float:
@@ -183,25 +227,49 @@ def nbytes(leaf: Any) -> int:
     return math.ceil(int(np.prod(np.shape(leaf))) * bits / 8)
 
 
-def report(params: PyTree, quantized: PyTree) -> str:
-    """A table per quantized leaf: format, float32 bytes, quantized bytes, and W's relative quantization error."""
+def report(params: PyTree, quantized: PyTree, plan: Plan | LoraConfig | None = None) -> str:
+    """A table per quantized leaf: format, float32 bytes, quantized bytes, and W's relative quantization error.
+
+    Args:
+      params: the float tree that was quantized.
+      quantized: the tree `quantize` returned.
+      plan: optional; adds the plan's view of each leaf (its LoRA rank and A/B shapes, or "frozen").
+
+    Returns:
+      The table as text, with the totals.
+
+    Example:
+      >>> import jax, jaxlora
+      >>> from jaxlora import quantization
+      >>> params = {"dense": {"kernel": jax.random.normal(jax.random.key(0), (128, 8))}}
+      >>> plan = jaxlora.plan(params, jaxlora.LoraConfig(rank=2))
+      >>> print(quantization.report(params, quantization.quantize(params, plan), plan).splitlines()[2])
+      dense/kernel  r2 A(128, 2) B(2, 8)  nf4/64  4,096          576              0.0945
+    """
     floats = dict(leaves_with_paths(params))
-    rows = [("leaf", "format", "float32 bytes", "quantized bytes", "rel. error ‖W-Q(W)‖/‖W‖")]
+    leaves = {} if plan is None else resolve(params, plan).leaves
+    rows = [("leaf", *(("adapter",) if plan is not None else ()), "format", "float32 bytes", "quantized bytes")]
+    rows[0] += ("rel. error ‖W-Q(W)‖/‖W‖",)
     total_float = total_quantized = 0
     for path, leaf in leaves_with_paths(quantized):
         if not is_quantized(leaf):
             continue
-        kind, block = _format(leaf)
+        kind, block, axis = _format(leaf)
         float_bytes = 4 * int(np.prod(leaf.shape))
         total_float += float_bytes
         total_quantized += nbytes(leaf)
-        label = f"nf4/{block}" if kind == "nf4" else "int8/channel"
-        rows.append((path, label, f"{float_bytes:,}", f"{nbytes(leaf):,}", f"{relative_error(floats[path], leaf):.4f}"))
+        label = f"nf4/{block}" if kind == "nf4" else ("int8/channel" if axis == 0 else "int8/row")
+        adapter = ()
+        if plan is not None:
+            planned = leaves.get(path)
+            adapter = ("frozen" if planned is None else f"r{planned.rank} A{planned.a_shape} B{planned.b_shape}",)
+        error = f"{relative_error(floats[path], leaf):.4f}"
+        rows.append((path, *adapter, label, f"{float_bytes:,}", f"{nbytes(leaf):,}", error))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     if total_float:
-        lines.append(f"\nquantized kernels: {total_quantized:,} bytes, {total_quantized / total_float:.3f}x float32")
+        lines.append(f"\nquantized leaves: {total_quantized:,} bytes, {total_quantized / total_float:.3f}x float32")
     return "\n".join(lines)
 
 
@@ -217,19 +285,92 @@ def _decoded(q: Any, anchor: jax.Array, dtype: Any) -> jax.Array:
     step, shares it between the forward and the backward pass, and holds all the float kernels at once.
     """
     zero = jnp.nan_to_num(anchor.reshape(-1)[0].astype(jnp.float32) * 0.0, nan=0.0, posinf=0.0, neginf=0.0)
+    return _decode(q, q.qvalue, q.scale, zero, dtype)
+
+
+def _decode(q: Any, codes: jax.Array, scale: jax.Array, zero: jax.Array | float, dtype: Any) -> jax.Array:
+    """Float values of `codes` (all of q's codes, or some rows of them) times their block scales `scale`."""
     if q.zero_point is not None:
         raise ValueError("jaxlora serves symmetric (absmax) quantized kernels only; this one has a zero point")
     if q.qtype == "nf4":
         table = _qwix()._src.core.numerics.get_nf4_buckets().astype(jnp.float32) + zero
-        values = table.at[q.qvalue.astype(jnp.int32)].get(mode="promise_in_bounds")  # uint4 codes: 0..15
+        values = table.at[codes.astype(jnp.int32)].get(mode="promise_in_bounds")  # uint4 codes: 0..15
     else:
-        values = q.qvalue.astype(jnp.float32) + zero
-    scale = q.scale.astype(jnp.float32)
-    tiles = tuple(n // m for n, m in zip(values.shape, scale.shape, strict=True))
-    for axis, tile in enumerate(tiles):
+        values = codes.astype(jnp.float32) + zero
+    scale = scale.astype(jnp.float32)
+    for axis in range(values.ndim):
+        tile = values.shape[axis] // scale.shape[axis]
         if tile > 1 and scale.shape[axis] > 1:
             scale = jnp.repeat(scale, tile, axis=axis)
     return (values * scale).astype(dtype)
+
+
+def embedding_rows(q: Any, ids: jax.Array, dtype: Any) -> jax.Array:
+    """`take(dequantize(q), ids, axis=0)` decoding only the gathered rows (and their scales) of a quantized table.
+
+    Args:
+      q: a quantized (vocab, features) table, e.g. from `quantize(..., embeddings=True)`.
+      ids: integer ids of any shape.
+      dtype: the output dtype.
+
+    Returns:
+      The rows, shaped `ids.shape + (features,)`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxlora import quantization
+      >>> table = jax.random.normal(jax.random.key(0), (10, 64))
+      >>> q = quantization.quantize_array(table, "nf4", axis=1)
+      >>> rows = quantization.embedding_rows(q, jnp.array([[1, 3]]), jnp.float32)
+      >>> rows.shape, bool(jnp.array_equal(rows, quantization.dequantize(q)[jnp.array([[1, 3]])]))
+      ((1, 2, 64), True)
+    """
+    rows_per_scale = q.shape[0] // q.scale.shape[0]  # 1 for a table quantized in rows
+    codes = jnp.take(q.qvalue, ids, axis=0)
+    scale = jnp.take(q.scale, ids // rows_per_scale, axis=0)
+    # Broadcast the per-row scales over the features: codes (..., features), scales (..., features / block).
+    flat_codes = codes.reshape(-1, q.shape[1])
+    flat_scale = scale.reshape(-1, q.scale.shape[1])
+    return _decode(q, flat_codes, flat_scale, 0.0, dtype).reshape(*ids.shape, q.shape[1])
+
+
+@jax.custom_vjp
+def quantized_attend(query: jax.Array, q: Any) -> jax.Array:
+    """`query @ dequantize(q).T` (nn.Embed.attend, a tied LM head) with the table decoded inside both passes.
+
+    The table is frozen (zero cotangent); the backward pass decodes it again when the cotangent arrives, so no
+    float copy of it lives across the step.
+
+    Args:
+      query: (..., features), in the output dtype.
+      q: a quantized (vocab, features) table.
+
+    Returns:
+      The logits (..., vocab).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxlora import quantization
+      >>> q = quantization.quantize_array(jax.random.normal(jax.random.key(0), (10, 64)), "nf4", axis=1)
+      >>> quantization.quantized_attend(jnp.ones((2, 64)), q).shape
+      (2, 10)
+    """
+    return _attend(query, _decoded(q, query, query.dtype))
+
+
+def _attend(query: jax.Array, table: jax.Array) -> jax.Array:
+    return lax.dot_general(query, table, (((query.ndim - 1,), (1,)), ((), ())))
+
+
+def _attend_fwd(query, q):
+    return _attend(query, _decoded(q, query, query.dtype)), q
+
+
+def _attend_bwd(q, g):
+    g = lax.optimization_barrier(g)
+    table = _decoded(q, g, g.dtype)
+    dquery = lax.dot_general(g, table, (((g.ndim - 1,), (0,)), ((), ())))
+    return dquery, jax.tree.map(_zero_cotangent, q)
 
 
 def _forward(x, x_lora, q, bias, a, b, scale):
@@ -276,6 +417,7 @@ def _bwd(scale, residuals, g):
 
 
 quantized_linear.defvjp(_fwd, _bwd)
+quantized_attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 def check_mergeable(pairs: Mapping[str, Mapping[str, Any]], params: PyTree) -> None:

@@ -1,0 +1,187 @@
+"""QLoRA quality: the spam recipe's first steps on an NF4 base against the float32 base, same init and batches.
+
+    python -m benchmarks.variants_quality --data-dir DIR --bpe-dir DIR     # the offline GPT-2 of the example
+    python -m benchmarks.variants_quality --pretrained runs/gpt2_spam/pretrained ...   # reuse its base
+    python -m benchmarks.variants_quality --quick                          # tiny model, seconds (tests)
+
+The base is the example's offline GPT-2 (`examples/gpt2_spam.py --offline-pretrain`: pretrained here on the
+training texts, or restored with --pretrained). LoRA r16 on every block linear, the head trained in full, AdamW at
+the example's learning rate, batch 8: `--steps` steps (default 50) from the same adapter init over the same
+batches, once on the float32 base and once on the base quantized to NF4 (`jaxlora.quantization.quantize(...,
+kind="nf4", embeddings=True)`: every block kernel and both embedding tables; LayerNorms and biases stay float).
+The result names the loss of both runs (the mean of the last `--window` training losses and the validation loss),
+the tolerance they are judged by and whether it holds, and each quantized leaf's relative error ‖W - Q(W)‖/‖W‖.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+import jaxlora
+from jaxlora import quantization
+from jaxlora._src.paths import leaves_with_paths
+from jaxlora.models import GPT2Classifier
+
+# The NF4 base's loss may differ from the float32 base's by at most ABS + REL x the float32 loss (in nats), for
+# both the mean of the last training losses and the validation loss. QLoRA reports NF4 matching 16-bit bases.
+LOSS_ATOL, LOSS_RTOL = 0.02, 0.05
+
+
+def _example():
+    """examples/gpt2_spam.py, imported from the repository (benchmarks may use the examples; the library never)."""
+    root = Path(__file__).resolve().parents[1]
+    if str(root / "examples") not in sys.path:
+        sys.path.insert(0, str(root / "examples"))
+    import gpt2_spam
+
+    return gpt2_spam
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", type=Path, help="SMSSpamCollection file or folder (default: download)")
+    parser.add_argument("--bpe-dir", type=Path, help="folder with GPT-2's encoder.json and vocab.bpe")
+    parser.add_argument("--pretrained", type=Path, help="a base saved by an earlier --offline-pretrain run")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--window", type=int, default=10, help="last training losses averaged")
+    parser.add_argument("--eval-batches", type=int, default=20, help="validation batches (0: all)")
+    parser.add_argument("--block-size", type=int, help="NF4 block (default 64; 16 with --quick, width 32)")
+    parser.add_argument("--quick", action="store_true", help="the example's tiny model and data subset")
+    parser.add_argument("--work", type=Path, default=Path("runs/variants_quality"), help="the base is saved here")
+    parser.add_argument("--out", type=Path, help="write the result JSON here")
+    args = parser.parse_args(argv)
+    if args.block_size is None:
+        args.block_size = 16 if args.quick else quantization.DEFAULT_BLOCK_SIZE
+    return args
+
+
+def _recipe_args(args: argparse.Namespace) -> argparse.Namespace:
+    argv = ["--offline-pretrain", "--out", str(args.work)]
+    for flag, value in (("--data-dir", args.data_dir), ("--bpe-dir", args.bpe_dir), ("--pretrained", args.pretrained)):
+        if value is not None:
+            argv += [flag, str(value)]
+    return _example().parse_args(argv + (["--quick"] if args.quick else []))
+
+
+def train(recipe, model, plan, params, base, data, steps: int, eval_batches: int) -> dict[str, Any]:
+    """`steps` recipe steps from the adapters `jaxlora.init` makes with the recipe's key, on the base `base`."""
+    ex = _example()
+    _, adapters = jaxlora.init(jax.random.key(recipe.seed + 2), params, plan)
+    trainable, frozen = jaxlora.partition(base, adapters, plan)
+    tx = jaxlora.optimizer(optax.adamw(recipe.lr, weight_decay=recipe.weight_decay), plan)
+    opt_state = tx.init(trainable)
+    train_step, eval_step = ex.make_steps(model, plan, tx)
+    losses: list[float] = []
+    rng, key = np.random.default_rng(recipe.seed), jax.random.key(recipe.seed + 3)
+    start = time.perf_counter()
+    while len(losses) < steps:
+        for batch in ex.batches(data["train"], recipe.batch_size, rng):
+            trainable, opt_state, loss = train_step(
+                trainable, frozen, opt_state, batch.ids, batch.lengths, batch.labels, key
+            )
+            losses.append(float(loss))
+            if len(losses) == steps:
+                break
+    seconds = time.perf_counter() - start
+    val_loss, val_acc = ex.evaluate(
+        eval_step, trainable, frozen, ex.batches(data["validation"], recipe.batch_size), eval_batches or None
+    )
+    return {"losses": losses, "val_loss": val_loss, "val_acc": val_acc, "train_s": seconds}
+
+
+def _within(nf4: float, fp32: float) -> dict[str, Any]:
+    allowed = LOSS_ATOL + LOSS_RTOL * abs(fp32)
+    return {
+        "float32": fp32,
+        "nf4": nf4,
+        "abs_diff": abs(nf4 - fp32),
+        "allowed": allowed,
+        "ok": abs(nf4 - fp32) <= allowed,
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    ex = _example()
+    recipe = _recipe_args(args)
+    _, data = ex.gather_inputs(recipe)
+    args.work.mkdir(parents=True, exist_ok=True)
+    gpt_config, params, _ = ex.base_model(recipe, data["train"], {})
+    gpt_config = dataclasses.replace(gpt_config, dropout=0.0)  # the recipe fine-tunes without dropout
+    model = GPT2Classifier(gpt_config, num_classes=2)
+    params = {**params, "head": ex.init_params(model, recipe.seed)["head"]}
+    plan = jaxlora.plan(params, ex.lora_config(recipe.rank, recipe.alpha))
+    nf4 = quantization.quantize(params, plan, kind="nf4", block_size=args.block_size, embeddings=True)
+    floats = dict(leaves_with_paths(params))
+    errors = {
+        p: quantization.relative_error(floats[p], q) for p, q in leaves_with_paths(nf4) if quantization.is_quantized(q)
+    }
+    frozen_bytes = {
+        name: sum(quantization.nbytes(leaf) for p, leaf in leaves_with_paths(tree) if p not in plan.saved)
+        for name, tree in (("float32", params), ("nf4", nf4))
+    }
+    runs = {
+        name: train(recipe, model, plan, params, base, data, args.steps, args.eval_batches)
+        for name, base in (("float32", params), ("nf4", nf4))
+    }
+    window = min(args.window, args.steps)
+    last = {name: float(np.mean(r["losses"][-window:])) for name, r in runs.items()}
+    checks = {
+        f"mean of the last {window} training losses": _within(last["nf4"], last["float32"]),
+        "validation loss": _within(runs["nf4"]["val_loss"], runs["float32"]["val_loss"]),
+    }
+    return {
+        "command": "python -m benchmarks.variants_quality " + " ".join(sys.argv[1:]),
+        "base": f"offline GPT-2 of examples/gpt2_spam.py ({gpt_config.n_layer} layers, width {gpt_config.n_embd})",
+        "recipe": {
+            "rank": recipe.rank,
+            "alpha": recipe.alpha,
+            "lr": recipe.lr,
+            "weight_decay": recipe.weight_decay,
+            "batch_size": recipe.batch_size,
+            "steps": args.steps,
+            "nf4_block": args.block_size,
+        },
+        "tolerance": f"|loss_nf4 - loss_fp32| <= {LOSS_ATOL} + {LOSS_RTOL} * loss_fp32 (nats)",
+        "checks": checks,
+        "ok": all(c["ok"] for c in checks.values()),
+        "runs": runs,
+        "frozen_bytes": frozen_bytes,
+        "relative_error": errors,
+        "mean_relative_error": float(np.mean(list(errors.values()))),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    result = run(args)
+    for what, check in result["checks"].items():
+        print(
+            f"{what}: float32 {check['float32']:.4f}, nf4 {check['nf4']:.4f}, |diff| {check['abs_diff']:.4f} "
+            f"<= {check['allowed']:.4f}: {'ok' if check['ok'] else 'MISSED'}"
+        )
+    print(
+        f"mean ‖W - Q(W)‖/‖W‖ over {len(result['relative_error'])} quantized leaves: "
+        f"{result['mean_relative_error']:.4f}"
+    )
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
