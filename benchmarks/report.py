@@ -237,8 +237,7 @@ def multi_adapter_serving_targets(results: dict[str, Any]) -> list[dict[str, Any
     speedup = None if decode is None else decode.get("speedup_vs_one_after_another")
     detail = (
         "jax_gpt2_multi_adapter_decode: bank generate of all rows / jaxlora.apply generate of the 4 groups in turn, "
-        "alternating in one process"
-        + ("" if speedup is None else f"; {speedup:.2f}x tokens/s")
+        "alternating in one process" + ("" if speedup is None else f"; {speedup:.2f}x tokens/s")
     )
     out.append(
         _target(
