@@ -7,14 +7,20 @@ from pathlib import Path
 
 import pytest
 
-# The tests' arrays are tiny, so nearly all their time is XLA compiling, and most of that LLVM optimising machine
-# code that then runs for microseconds. Level 0 without LLVM's expensive passes (as benchmarks' --smoke runs; the
-# HLO passes and IEEE semantics are unchanged: no fast-math) cuts the suite's CPU time by about a third. Set before
-# jax creates its CPU client (on first use, after this import); the tests' subprocesses inherit it. An XLA_FLAGS
-# that already sets the level is left alone.
+# In the fast set the arrays are tiny, so nearly all the time is XLA compiling, and much of that LLVM optimising
+# machine code that then runs for microseconds. There (pytest -m "not slow", as scripts/test.sh runs it) XLA
+# compiles without LLVM's expensive passes, as benchmarks' --smoke runs do; the HLO passes and IEEE semantics are
+# unchanged (no fast-math). The slow set keeps the default: its end-to-end runs compute for real (MNIST
+# pretraining). An XLA_FLAGS that already sets the level is left alone; the tests' subprocesses inherit it.
 FAST_COMPILE_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE_XLA_FLAGS).strip()
+
+
+def pytest_configure(config):
+    """Before any test module is imported (and so before jax creates its CPU client, on first use)."""
+    fast_set_only = (config.option.markexpr or "").replace(" ", "") == "notslow"
+    if fast_set_only and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE_XLA_FLAGS).strip()
+
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("JAXLORA_SHARED_DATA", REPO.parent / "shared" / "data"))
