@@ -106,7 +106,11 @@ def normalise(images: np.ndarray, mean: float = MNIST_MEAN, std: float = MNIST_S
     if images.ndim != 3:
         raise ValueError(f"expected images of shape (n, height, width) or (n, height, width, 1), got {images.shape}")
     flat = images.reshape(len(images), -1).astype(np.float32)
-    return (flat / np.float32(scale) - np.float32(mean)) / np.float32(std)
+    # in place, the same float32 operations in the same order: no 188 MB temporaries to fault in for MNIST's train
+    flat /= np.float32(scale)
+    flat -= np.float32(mean)
+    flat /= np.float32(std)
+    return flat
 
 
 @contextlib.contextmanager
