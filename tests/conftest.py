@@ -7,6 +7,21 @@ from pathlib import Path
 
 import pytest
 
+# In the fast set the arrays are tiny, so nearly all the time is XLA compiling, and much of that LLVM optimising
+# machine code that then runs for microseconds. There (pytest -m "not slow", as scripts/test.sh runs it) XLA
+# compiles without LLVM's expensive passes, as benchmarks' --smoke runs do; the HLO passes and IEEE semantics are
+# unchanged (no fast-math). The slow set keeps the default: its end-to-end runs compute for real (MNIST
+# pretraining). An XLA_FLAGS that already sets the level is left alone; the tests' subprocesses inherit it.
+FAST_COMPILE_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def pytest_configure(config):
+    """Before any test module is imported (and so before jax creates its CPU client, on first use)."""
+    fast_set_only = (config.option.markexpr or "").replace(" ", "") == "notslow"
+    if fast_set_only and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE_XLA_FLAGS).strip()
+
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("JAXLORA_SHARED_DATA", REPO.parent / "shared" / "data"))
 
@@ -14,6 +29,25 @@ SHARED_DATA = Path(os.environ.get("JAXLORA_SHARED_DATA", REPO.parent / "shared" 
 def in_ci() -> bool:
     """True under CI=true, where a test never skips: a missing dependency or data set is a failure."""
     return os.environ.get("CI", "").lower() == "true"
+
+
+def _register_hypothesis_profiles() -> None:
+    """Property tests draw 5 examples in the fast set and 10 under CI=true (HYPOTHESIS_PROFILE picks another).
+
+    Every example compiles its own shapes, so the count is what a property test costs. Examples are random on
+    every run, and a failing one is saved in .hypothesis/ and replayed first on the next run.
+    """
+    try:
+        from hypothesis import HealthCheck, settings
+    except ImportError:  # the property tests then fail to import, which says so
+        return
+    common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    settings.register_profile("dev", max_examples=5, **common)
+    settings.register_profile("ci", max_examples=10, **common)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if in_ci() else "dev"))
+
+
+_register_hypothesis_profiles()
 
 
 def skip_unless_ci(message: str) -> None:

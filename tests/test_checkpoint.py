@@ -407,6 +407,7 @@ def _bytes_under(paths) -> int:
 _MID_WRITE = 4 * 2**20
 
 
+@pytest.mark.slow  # end to end (see pyproject.toml: --all and .ci/run run it)
 def test_killed_adapter_save_leaves_the_previous_checkpoint(tmp_path):
     _kill_during_second_save(
         tmp_path, "adapter", lambda target: _bytes_under(target.parent.glob(f".{target.name}.tmp-*")) > _MID_WRITE
@@ -433,6 +434,7 @@ def test_replacement_cut_between_its_two_renames_is_recovered(tmp_path):
     assert _siblings(tmp_path / "a") == ["a"]
 
 
+@pytest.mark.slow  # end to end (see pyproject.toml: --all and .ci/run run it)
 def test_killed_training_save_keeps_the_previous_step(tmp_path):
     _kill_during_second_save(
         tmp_path, "manager", lambda target: _bytes_under(target.glob("2.orbax-checkpoint-tmp*")) > _MID_WRITE

@@ -112,6 +112,37 @@ def test_cache_is_written_and_reused(tmp_path, monkeypatch):
     np.testing.assert_array_equal(first[0], images)
 
 
+def test_a_repeated_load_reads_the_decoded_cache_without_opening_tfds(tmp_path, monkeypatch):
+    import json
+
+    images, labels = _known_examples()
+
+    def as_data_source(self, split, decoders=None, deserialize_method=None, **kwargs):
+        return _Records(images, labels)
+
+    cache = tmp_path / "cache"
+    with tfds.testing.mock_data(as_data_source_fn=as_data_source):
+        first = mnist_data.load_mnist(str(tmp_path), download=False, cache_dir=cache)
+    info = tmp_path / "mnist" / "3.0.1" / "dataset_info.json"  # what tfds writes beside the array_record files
+    info.parent.mkdir(parents=True)
+    splits = [{"name": split, "shardLengths": [str(len(labels))]} for split in ("train", "test")]
+    info.write_text(json.dumps({"name": "mnist", "splits": splits}))
+
+    def no_tfds(*args, **kwargs):
+        raise RuntimeError("tfds was opened although both splits are cached")
+
+    monkeypatch.setattr(mnist_data, "_open_source", no_tfds)
+    second = mnist_data.load_mnist(str(tmp_path), download=False, cache_dir=cache)
+    for a, b in ((first.train, second.train), (first.test, second.test)):
+        np.testing.assert_array_equal(a.images, b.images)
+        np.testing.assert_array_equal(a.labels, b.labels)
+    # another example count in the copy's info is another copy: the cache is not used, tfds is asked (here: fails)
+    splits[0]["shardLengths"] = [str(len(labels) + 1)]
+    info.write_text(json.dumps({"name": "mnist", "splits": splits}))
+    with pytest.raises(mnist_data.DataUnavailable, match="not found"):
+        mnist_data.load_mnist(str(tmp_path), download=False, cache_dir=cache)
+
+
 def test_missing_mnist_without_download_says_how_to_get_it(tmp_path):
     with pytest.raises(mnist_data.DataUnavailable) as info:
         mnist_data.load_mnist(str(tmp_path), download=False)

@@ -235,11 +235,17 @@ def _tower():
 
 
 def _rowwise(model, params, entries, ids, *args):
-    """Each row run alone through the model with its adapter merged (the base model for -1)."""
+    """Each row run alone through the model with its adapter merged (the base model for -1).
+
+    One jitted model.apply serves every row (same shapes: compiled once), each adapter is merged once.
+    """
+    apply = jax.jit(model.apply)
+    merged = {}
     rows = []
     for row, i in enumerate(ids):
-        p = params if i == -1 else jaxlora.merge(params, *entries[i])
-        rows.append(model.apply({"params": p}, *(a[row : row + 1] for a in args))[0])
+        if i not in merged:
+            merged[i] = params if i == -1 else jaxlora.merge(params, *entries[i])
+        rows.append(apply({"params": merged[i]}, *(a[row : row + 1] for a in args))[0])
     return np.stack(rows)
 
 
@@ -465,6 +471,7 @@ def test_named_adapters_add_remove_select_and_checkpoint_each_on_its_own(tmp_pat
     assert set(plan.leaves) == set(entries[0][1].leaves)
 
 
+@pytest.mark.slow  # end to end (see pyproject.toml: --all and .ci/run run it)
 def test_the_readme_section_runs_as_written():
     import re
     from pathlib import Path

@@ -7,13 +7,13 @@ import itertools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from models import MLP
 
 import jaxlora
 
-SETTINGS = settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Examples per test: the hypothesis profile tests/conftest.py loads (5 in the fast set, 10 under CI=true).
 
 
 @st.composite
@@ -43,7 +43,6 @@ def _build(case, dtype=jnp.float32):
     return model, x, params, config, adapters, keys[3]
 
 
-@SETTINGS
 @given(mlp_cases(), st.sampled_from([jnp.float32, jnp.bfloat16]))
 def test_zero_b_gives_exactly_the_base_output(case, dtype):
     model, x, params, config, adapters, _ = _build(case, dtype)
@@ -52,7 +51,6 @@ def test_zero_b_gives_exactly_the_base_output(case, dtype):
     np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(base, np.float32))
 
 
-@SETTINGS
 @given(mlp_cases())
 def test_factored_equals_merged(case):
     model, x, params, config, adapters, key = _build(case)
@@ -82,7 +80,6 @@ def param_trees(draw):
     return jax.tree.unflatten(struct, arrays), seed
 
 
-@SETTINGS
 @given(param_trees(), st.integers(1, 3))
 def test_unmerge_inverts_merge_and_leaves_the_input_untouched(tree_and_seed, rank):
     params, seed = tree_and_seed
@@ -129,7 +126,6 @@ def _kernels(params):
     return [(p, leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0] if leaf.ndim >= 2]
 
 
-@SETTINGS
 @given(param_trees())
 def test_labels_cover_every_leaf_and_only_adapters_and_saved_leaves_train(tree_and_seed):
     params, seed = tree_and_seed

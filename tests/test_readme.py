@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from conftest import REPO
 
 
+@pytest.mark.slow  # end to end (see pyproject.toml: --all and .ci/run run it)
 def test_readme_quickstart_runs_as_written(capsys):
     readme = (REPO / "README.md").read_text()
     section = readme.split("## Quickstart", 1)[1]
@@ -21,6 +23,7 @@ def test_readme_names_the_two_commands_that_ci_runs():
     assert "bash scripts/test.sh" in (REPO / ".ci" / "run").read_text()
 
 
+@pytest.mark.slow  # end to end (see pyproject.toml: --all and .ci/run run it)
 def test_readme_variant_snippets_run_as_written(capsys):
     """The DoRA, quantized-base and LoRA+ snippets of the README run."""
     readme = (REPO / "README.md").read_text()

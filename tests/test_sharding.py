@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import jax
+import pytest
 from jax.sharding import PartitionSpec as P
 from models import MLP
 
@@ -73,8 +74,13 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # end to end (see pyproject.toml: --all and .ci/run run it)
 def test_sharded_training_step_on_8_simulated_devices_matches_one_device(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(
+        os.environ,
+        XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8",
+        JAX_PLATFORMS="cpu",
+    )
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")])
     result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
