@@ -355,10 +355,28 @@ def fine_tune(args, model, data: dict[str, SFTData], tokenizer) -> tuple[Any, An
 # --------------------------------------------------------------------------------------------------------------
 
 
+def inputs(args: argparse.Namespace) -> dict[str, Any]:
+    """The SMS splits, after checking that everything the run needs can be had (SystemExit naming each missing
+    thing, one line each, otherwise)."""
+    problems, splits = [], {}
+    if not args.model:
+        try:
+            spam_data.gpt2_encoding(args.bpe_dir)
+        except spam_data.Unavailable as err:
+            problems.append(str(err))
+    try:
+        splits = spam_data.load_splits(args.data_dir, seed=args.seed)
+    except spam_data.Unavailable as err:
+        problems.append(str(err))
+    if problems:
+        raise SystemExit("\n".join(f"error: {' '.join(problem.split())}" for problem in problems))
+    return splits
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    splits = inputs(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    splits = spam_data.load_splits(args.data_dir, seed=args.seed)
     if args.quick:
         splits = {"train": splits["train"][:96], "validation": splits["validation"][:16]}
     model, tokenizer, base_path = hub_base(args) if args.model else offline_base(args, splits["train"])

@@ -89,6 +89,22 @@ expect() {
         grep -q "^error: GPT-2's BPE tokenizer: .*--bpe-dir" "$err" || problems+=("no line naming the tokenizer and --bpe-dir")
         grep -q "^error: the SMS Spam Collection: .*--data-dir" "$err" || problems+=("no line naming the data and --data-dir")
       fi ;;
+    ".venv/bin/python examples/llama_sft.py")
+      if [ "$online" = 1 ]; then
+        has "PEFT adapter:" || problems+=("no PEFT adapter line")
+      else
+        want_status=1
+        [ "$(grep -c '^error: ' "$err")" = 2 ] || problems+=("not 2 'error:' lines on stderr (one per missing thing)")
+        [ "$(wc -l < "$err")" = 2 ] || problems+=("stderr holds more than the error lines")
+        grep -q "^error: GPT-2's BPE tokenizer: .*--bpe-dir" "$err" || problems+=("no line naming the tokenizer and --bpe-dir")
+        grep -q "^error: the SMS Spam Collection: .*--data-dir" "$err" || problems+=("no line naming the data and --data-dir")
+      fi ;;
+    ".venv/bin/python examples/distributed.py --local-processes 2 --devices-per-process 2 --model-parallel 2")
+      has '"processes": 2' || problems+=("no summary of a 2-process run") ;;
+    ".venv/bin/python examples/distributed.py")
+      has '"processes": 1' || problems+=("no summary of a 1-process run") ;;
+    ".venv/bin/python examples/multi_adapter.py" | ".venv/bin/python examples/multi_adapter.py --quick")
+      has "Every row equals its adapter merged and run alone: True" || problems+=("the mixed batch differs from the rows alone") ;;
     *)
       problems+=("the README shows this command but newcomer.sh has no expectation for it: add one") ;;
   esac

@@ -127,3 +127,29 @@ def closed_port_url():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     return f"http://127.0.0.1:{port}/"
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path, closed_port_url):
+    """No network and none of the data: downloads refused, empty caches, no ../shared copy."""
+    import huggingface_hub
+    import requests
+    import tiktoken.load
+
+    load_example("spam_data")  # puts examples/ on sys.path
+    import spam_data
+
+    def refused(*args, **kwargs):
+        raise requests.exceptions.ConnectionError("Failed to resolve 'openaipublic.blob.core.windows.net'")
+
+    monkeypatch.setattr(tiktoken.load, "read_file", refused)
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "tiktoken"))
+    monkeypatch.setattr(spam_data, "SHARED_DATA", tmp_path / "no_shared")
+    monkeypatch.setattr(spam_data, "DEFAULT_CACHE", tmp_path / "cache")
+    monkeypatch.setattr(spam_data, "DATA_URLS", (closed_port_url + "sms.zip",))
+
+    def no_hub(repo_id, **kwargs):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("ConnectError: [Errno -2] Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_hub)

@@ -86,29 +86,6 @@ def test_missing_weights_offline_names_the_flags(tmp_path, data_args):
     assert not (tmp_path / "run").exists()  # nothing is started before the inputs are all there
 
 
-@pytest.fixture
-def offline(monkeypatch, tmp_path, closed_port_url):
-    """No network and none of the data: downloads refused, empty caches, no ../shared copy."""
-    import huggingface_hub
-    import requests
-    import tiktoken.load
-
-    def refused(*args, **kwargs):
-        raise requests.exceptions.ConnectionError("Failed to resolve 'openaipublic.blob.core.windows.net'")
-
-    monkeypatch.setattr(tiktoken.load, "read_file", refused)
-    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "tiktoken"))
-    monkeypatch.setattr(spam_data, "SHARED_DATA", tmp_path / "no_shared")
-    monkeypatch.setattr(spam_data, "DEFAULT_CACHE", tmp_path / "cache")
-    monkeypatch.setattr(spam_data, "DATA_URLS", (closed_port_url + "sms.zip",))
-
-    def no_hub(repo_id, **kwargs):
-        raise huggingface_hub.errors.LocalEntryNotFoundError("ConnectError: [Errno -2] Name or service not known")
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_hub)
-
-
 def test_offline_without_data_gives_one_line_per_missing_thing(tmp_path, offline, capsys):
     out = tmp_path / "run"
     assert gpt2_spam.cli(["--offline-pretrain", "--out", str(out)]) == 1

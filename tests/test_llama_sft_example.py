@@ -45,3 +45,15 @@ def test_missing_model_offline_names_the_fix(tmp_path):
     data = require_data(SHARED_DATA / "sms_spam" / "SMSSpamCollection", "SMS Spam Collection")
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         example.main(["--model", str(tmp_path / "absent"), "--data-dir", str(data), "--out", str(tmp_path / "o")])
+
+
+def test_offline_without_data_gives_one_line_per_missing_thing(tmp_path, offline, capsys):
+    example = load_example("llama_sft")
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        example.main(["--out", str(out)])
+    lines = str(exit_info.value).splitlines()
+    assert len(lines) == 2 and all(line.startswith("error: ") for line in lines), lines
+    assert "GPT-2's BPE tokenizer" in lines[0] and "--bpe-dir" in lines[0]
+    assert "the SMS Spam Collection" in lines[1] and "--data-dir" in lines[1]
+    assert not out.exists()  # nothing is started before the inputs are all there
