@@ -31,6 +31,16 @@ def _outer(x: jax.Array, g: jax.Array) -> jax.Array:
     return lax.dot_general(x, g, ((batch, batch), ((), ())))
 
 
+def _outer_thin(x: jax.Array, thin: jax.Array) -> jax.Array:
+    """xᵀ thin for a thin (..., r) right side, formed as (thinᵀ x)ᵀ: (..., m), (..., r) -> (m, r).
+
+    With x on the left, XLA:CPU writes a transposed copy of the whole activation x (tokens x m) for the
+    GEMM; with the thin operand on the left only it and the (r, m) result are transposed.
+    """
+    batch = tuple(range(x.ndim - 1))
+    return lax.dot_general(thin, x, ((batch, batch), ((), ()))).T
+
+
 def _forward(x, x_lora, w, bias, a, b, scale):
     y = _matmul(x, w)
     if bias is not None:
@@ -90,7 +100,7 @@ def _bwd(scale, residuals, g):
         if want_xl:
             dxl = _matmul_t(gb, a).astype(x_lora.dtype)
         if want_a:
-            da = _outer(x_lora.astype(a.dtype), gb)
+            da = _outer_thin(x_lora.astype(a.dtype), gb)
         if want_b:
             db = _outer(xa, gs)
     return dx, dxl, dw, dbias, da, db
