@@ -49,8 +49,8 @@ def _forward(x, x_lora, w, bias, a, b, scale):
         y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
     if a is None:
         return y, None
-    xa_scaled = scale * _matmul(x_lora, a)  # scaled on the thin (..., r) side, never on (..., out)
-    return y + _matmul(xa_scaled, b).astype(y.dtype), xa_scaled
+    xa = _matmul(x_lora, a)
+    return y + _matmul(scale * xa, b).astype(y.dtype), xa  # scaled on the thin (..., r) side, not on (..., out)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -89,7 +89,7 @@ def _fwd(x, x_lora, w, bias, a, b, scale):
 
 
 def _bwd(scale, residuals, g):
-    (x, x_lora, w, bias, a, b), xa_scaled, perturbed = residuals
+    (x, x_lora, w, bias, a, b), xa, perturbed = residuals
     want_x, want_xl, want_w, want_bias, want_a, want_b = perturbed
     g = lax.platform_dependent(g, cpu=lax.optimization_barrier, default=lambda g: g)
     dx = _matmul_t(g, w).astype(x.dtype) if want_x else None
@@ -104,7 +104,7 @@ def _bwd(scale, residuals, g):
         if want_a:
             da = _outer_thin(x_lora.astype(a.dtype), gb)
         if want_b:
-            db = _outer(xa_scaled, g_b)  # (s·x A)ᵀ g
+            db = scale * _outer(xa, g_b)  # s·(x A)ᵀ g, scaled as an (r, out) matrix
     return dx, dxl, dw, dbias, da, db
 
 
