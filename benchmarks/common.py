@@ -111,7 +111,7 @@ class Config:
     """One measured configuration: `name` (unique), the worker module that runs it, its table group and label."""
 
     name: str
-    worker: str  # "jax", "torch" or "lorax"
+    worker: str  # "jax", "torch", "lorax" or "qwix"
     group: str  # "gpt2_train", "gpt2_infer", "merge", "multi_adapter", "small", "matmul"
     label: str
     timeout_s: float | None = None  # full runs: stop the worker after this long (default: the runner's timeout)
@@ -161,6 +161,10 @@ def _configs() -> list[Config]:
     # --- variants (issue 19) ---
     add("torch_gpt2_peft_r16_dora", "torch", "gpt2_train", "PEFT r16 DoRA (AdamW default)")
     # --- end variants ---
+    # --- performance v2: the peers users pick today (qwix LoRA, PEFT under torch.compile) ---
+    add("qwix_gpt2_lora_r16", "qwix", "gpt2_train", "qwix LoRA r16 (apply_lora_to_model)")
+    add("torch_gpt2_peft_r16_compiled", "torch", "gpt2_train", "PEFT r16, torch.compile (AdamW default)")
+    # --- end performance v2 ---
     add("jax_matmul", "jax", "matmul", "jnp.matmul float32")
     add("torch_matmul", "torch", "matmul", "torch.mm float32")
     return c
@@ -242,6 +246,37 @@ def peak_rss_mb() -> float:
     return kib / 1024 if sys.platform != "darwin" else kib / 2**20
 
 
+def current_rss_mb() -> float | None:
+    """Resident set size of this process now, in MiB (Linux /proc; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+# RSS once a runner has imported its framework and built its model and data, just before compiling / the first
+# step (set by `mark_setup_done`); a runner that never calls it is measured from the RSS at its start.
+_SETUP_RSS: dict[str, float | None] = {}
+
+
+def mark_setup_done() -> None:
+    """Records the current RSS as the runner's baseline: imports, model and data exist, nothing has run yet."""
+    _SETUP_RSS["mb"] = current_rss_mb()
+
+
+def memory_fields(rss_at_start_mb: float | None) -> dict[str, Any]:
+    """Peak RSS, the baseline RSS (after imports and model creation) and peak minus baseline, in MiB."""
+    baseline = _SETUP_RSS.get("mb", rss_at_start_mb)
+    peak = peak_rss_mb()
+    return {
+        "peak_rss_mb": peak,
+        "rss_after_setup_mb": baseline,
+        "rss_baseline": "after model creation" if "mb" in _SETUP_RSS else "at runner start (after imports)",
+        "peak_over_setup_mb": None if baseline is None else peak - baseline,
+    }
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -277,6 +312,7 @@ def _version(package: str) -> str | None:
 def environment() -> dict[str, Any]:
     """Exact versions, CPU and core count, read without importing any framework."""
     packages = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "torch", "transformers", "peft", "jax-lorax")
+    packages += ("qwix",)
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -403,6 +439,8 @@ def run_worker(runners: dict[str, Callable[[Profile], dict[str, Any]]], argv: li
         if name not in runners:
             raise SystemExit(f"configuration {name!r} is not run by this worker")
         start = time.perf_counter()
+        _SETUP_RSS.clear()
+        rss_at_start = current_rss_mb()
         try:
             result = {"status": "ok", **runners[name](profile)}
         except Unavailable as err:
@@ -413,7 +451,7 @@ def run_worker(runners: dict[str, Callable[[Profile], dict[str, Any]]], argv: li
                 "error": f"{type(err).__name__}: {err}",
                 "traceback": traceback.format_exc(limit=-6),
             }
-        result["peak_rss_mb"] = peak_rss_mb()
+        result.update(memory_fields(rss_at_start))
         result["wall_s"] = time.perf_counter() - start
         results[name] = result
         print(f"[{name}] {result['status']} in {result['wall_s']:.1f}s", file=sys.stderr, flush=True)

@@ -3,6 +3,7 @@
     python -m benchmarks.run                 # full run (under 20 minutes on 2 cores), updates benchmarks/README.md
     python -m benchmarks.run --smoke         # tiny shapes, three steps each: checks that every configuration runs
     python -m benchmarks.run --only 'gpt2_(lora|peft)_r16$'   # a subset (regex over configuration names)
+    python -m benchmarks.run --rounds 5      # interleaved rounds (full default 3): targets are per-round medians
 
 Results go to `--out` (default `benchmarks/results/` for the full run, `runs/benchmarks-smoke/` for --smoke):
 `latest.json`, `latest.md`, `latest.png`.
@@ -29,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 README = REPO / "benchmarks" / "README.md"
 WORKERS = {"jax": "benchmarks.jax_worker", "torch": "benchmarks.torch_worker", "lorax": "benchmarks.lorax_worker"}
+WORKERS["qwix"] = "benchmarks.qwix_worker"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,6 +59,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.add_argument(
             f"--{field.replace('_', '-')}", type=int, default=None, help=f"override the profile's {field} (quick looks)"
         )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="interleaved rounds: every selected configuration once per round, in alternating order, a fresh "
+        "process each; targets are medians of the per-round ratios (default: full 3, smoke 1)",
+    )
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite the table in benchmarks/README.md")
     parser.add_argument("--list", action="store_true", help="list the configurations and exit")
     return parser.parse_args(argv)
@@ -126,7 +135,10 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"--only {args.only!r} selects no configuration; see --list")
     timeout = args.timeout or (900.0 if args.smoke else 600.0)
     overrides = {f: getattr(args, f) for f in common.SCHEDULE_FIELDS if getattr(args, f) is not None}
-    pythons = {"jax": sys.executable, "torch": sys.executable, "lorax": args.lorax_python or sys.executable}
+    pythons = {w: sys.executable for w in WORKERS} | {"lorax": args.lorax_python or sys.executable}
+    rounds = args.rounds or (1 if args.smoke else 3)
+    if rounds < 1:
+        raise SystemExit(f"--rounds {rounds}: needs at least 1")
     # Full runs give each configuration a fresh process (own compile caches, own peak RSS); the smoke run groups
     # them per worker, since it checks that the code runs, not how fast.
     if args.smoke:
@@ -137,18 +149,24 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
 
     started = time.time()
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
-    results: dict[str, Any] = {}
-    bar = _progress(len(configs))
-    for worker, names, worker_timeout in batches:
-        if bar is not None:
-            bar.set_description(names[0] if len(names) == 1 else f"{worker} ({len(names)} configs)")
-        out, _ = run_worker(worker, names, profile, worker_timeout, pythons[worker], overrides)
-        results.update(out)
-        for name in names:
-            line = f"{name:<32} {report.one_line(out[name])}"
-            (bar.write(line) if bar is not None else print(line, flush=True))
-        if bar is not None:
-            bar.update(len(names))
+    per_round: list[dict[str, Any]] = []
+    bar = _progress(len(configs) * rounds)
+    for round_index in range(rounds):
+        # Alternating order: a configuration early in one round is late in the next, so a drift in the machine's
+        # load over the run does not favour the configurations listed first.
+        results: dict[str, Any] = {}
+        for worker, names, worker_timeout in batches if round_index % 2 == 0 else batches[::-1]:
+            if bar is not None:
+                bar.set_description(names[0] if len(names) == 1 else f"{worker} ({len(names)} configs)")
+            out, _ = run_worker(worker, names, profile, worker_timeout, pythons[worker], overrides)
+            results.update(out)
+            for name in names:
+                tag = f"[{round_index + 1}/{rounds}] " if rounds > 1 else ""
+                line = f"{tag}{name:<32} {report.one_line(out[name])}"
+                (bar.write(line) if bar is not None else print(line, flush=True))
+            if bar is not None:
+                bar.update(len(names))
+        per_round.append(results)
     if bar is not None:
         bar.close()
 
@@ -167,10 +185,13 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
             "mlp": common.MLP_LAYERS,
             "regression": common.REGRESSION_LAYERS,
         },
-        "schedule": {k: v for k, v in common.PROFILES[profile].__dict__.items() if k != "gpt2"} | overrides,
-        "results": results,
+        "schedule": {k: v for k, v in common.PROFILES[profile].__dict__.items() if k != "gpt2"}
+        | overrides
+        | {"rounds": rounds},
+        "results": report.combine_rounds(per_round),
+        "rounds": per_round if rounds > 1 else None,
     }
-    run["targets"] = report.targets(results)
+    run["targets"] = report.targets_over_rounds(per_round)
     return run
 
 
@@ -195,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(report.targets_table(run["targets"]))
     print(f"\nwrote {out / 'latest.json'}, {out / 'latest.md'}, {out / 'latest.png'} in {run['duration_s']:.0f}s")
-    failed = [n for n, r in run["results"].items() if r["status"] == "failed"]
+    failed = sorted({n for r in run["rounds"] or [run["results"]] for n, x in r.items() if x["status"] == "failed"})
     if failed:
         print(f"FAILED configurations: {failed}", file=sys.stderr)
         return 1

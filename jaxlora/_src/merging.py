@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from jaxlora._src.config import LoraConfig
 from jaxlora._src.dora import leaf_norms, merged_weight
@@ -19,18 +20,24 @@ from jaxlora._src.quantization import check_mergeable, dequantize
 # with the add: W is read and written once, on every core, and A B never exists on its own. A GEMM with an
 # inner dimension this thin is slower than that loop (GPT-2 small's 48 kernels at r=16, CPU: 0.22 s vs
 # 0.066 s); above it the loop's r multiply-adds per element cost more than the GEMM's extra pass.
+# Measured on CPU only: GPU and TPU run thin GEMMs well and fuse the add, so there A B stays one GEMM
+# (`lax.platform_dependent` picks per platform at lowering time).
 _OUTER_PRODUCT_MAX_RANK = 16
 
 
-@jax.custom_vjp
-def _matrix_product(a: jax.Array, b: jax.Array) -> jax.Array:
-    """A B for A (m, r) and B (r, n): summed outer products at low rank, else a GEMM."""
-    if a.shape[1] > _OUTER_PRODUCT_MAX_RANK:
-        return a @ b
+def _summed_outer_products(a: jax.Array, b: jax.Array) -> jax.Array:
     product = a[:, :1] * b[:1]
     for k in range(1, a.shape[1]):
         product = product + a[:, k : k + 1] * b[k : k + 1]
     return product
+
+
+@jax.custom_vjp
+def _matrix_product(a: jax.Array, b: jax.Array) -> jax.Array:
+    """A B for A (m, r) and B (r, n): on CPU summed outer products at low rank, else a GEMM."""
+    if a.shape[1] > _OUTER_PRODUCT_MAX_RANK:
+        return a @ b
+    return lax.platform_dependent(a, b, cpu=_summed_outer_products, default=jnp.matmul)
 
 
 def _matrix_product_fwd(a, b):
