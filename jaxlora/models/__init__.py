@@ -16,12 +16,12 @@ from jaxlora.models.gpt2 import (
     init_cache,
     left_pad,
     load_hf_weights,
-    sample_token,
     stack_layers,
     torch_module_name,
     torch_param_name,
     unstack_layers,
 )
+from jaxlora.models.sampling import filter_logits, sample_token
 
 __all__ = [
     "GPT2",
@@ -33,6 +33,7 @@ __all__ = [
     "KVCache",
     "apply_model",
     "config_from_hf",
+    "filter_logits",
     "generate",
     "generate_greedy",
     "init_cache",

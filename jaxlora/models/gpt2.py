@@ -38,6 +38,7 @@ import numpy as np
 
 from jaxlora._src.name_maps import ModuleName, torch_module, torch_param
 from jaxlora._src.safetensors_io import read_tensors
+from jaxlora.models.sampling import sample_token
 
 Params = dict[str, Any]
 
@@ -504,29 +505,6 @@ def apply_model(model: GPT2, params: Params, input_ids: jax.Array, kv_cache: KVC
       ((1, 3, 32), 3)
     """
     return model.apply({"params": params}, input_ids, kv_cache=kv_cache)
-
-
-def sample_token(key: jax.Array, logits: jax.Array, temperature: float = 1.0, top_k: int | None = None) -> jax.Array:
-    """One token per row drawn from softmax(logits / temperature), restricted to the `top_k` largest logits.
-
-    Args:
-      key: a ``jax.random.key``.
-      logits: (..., vocab).
-      temperature: > 0; lower is closer to greedy.
-      top_k: keep only the k most likely tokens (None: all); ``top_k=1`` is greedy.
-
-    Returns:
-      int32 token ids of shape ``logits.shape[:-1]``.
-
-    Example:
-      >>> int(sample_token(jax.random.key(0), jnp.array([0.0, 5.0, 1.0]), top_k=1))
-      1
-    """
-    logits = logits.astype(jnp.float32) / temperature
-    if top_k is not None:
-        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    return jax.random.categorical(key, logits).astype(jnp.int32)
 
 
 def left_pad(prompts: Any, pad_token_id: int = 50256) -> tuple[np.ndarray, np.ndarray]:

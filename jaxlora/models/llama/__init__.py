@@ -9,7 +9,7 @@ with :func:`peft_name_map`::
 """
 
 from jaxlora.models.llama.config import LlamaConfig
-from jaxlora.models.llama.generation import filter_logits, generate
+from jaxlora.models.llama.generation import generate
 from jaxlora.models.llama.hf_checkpoint import config_from_hf, load_hf_weights, save_hf_weights
 from jaxlora.models.llama.layout import convert_layout, stack_layers, unstack_layers
 from jaxlora.models.llama.model import KVCache, Llama, init_cache
@@ -20,6 +20,7 @@ from jaxlora.models.llama.names import (
     hf_param_name,
     peft_name_map,
 )
+from jaxlora.models.sampling import filter_logits
 
 __all__ = [
     "PEFT_TARGETS",

@@ -11,6 +11,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlora.models.llama.model import Llama, init_cache
+from jaxlora.models.sampling import sample_token
 
 
 def generate(
@@ -89,26 +90,6 @@ def _check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, 
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}.")
 
 
-def filter_logits(logits: jax.Array, top_k: jax.Array | int, top_p: jax.Array | float) -> jax.Array:
-    """`logits` (batch, vocab) with the tokens outside the top-k, then outside the top-p nucleus, set to -inf.
-
-    `top_k` 0 keeps every token; the nucleus is the smallest set of most likely tokens whose probability
-    (renormalised after top-k) reaches `top_p`, never empty. Both may be traced values: one compile serves all.
-
-    Example:
-        >>> filter_logits(jnp.array([[0.0, 3.0, 1.0, 2.0]]), top_k=2, top_p=1.0)
-        Array([[-inf,   3., -inf,   2.]], dtype=float32)
-    """
-    batch, vocab = logits.shape
-    order = jnp.argsort(-logits, axis=-1)
-    ranked = jnp.take_along_axis(logits, order, axis=-1)
-    drop = (top_k > 0) & (jnp.arange(vocab) >= top_k)
-    probs = jax.nn.softmax(jnp.where(drop, -jnp.inf, ranked), axis=-1)
-    drop = drop | (jnp.cumsum(probs, axis=-1) - probs >= top_p)  # the mass before this token reaches top_p
-    drop = jnp.zeros_like(drop).at[jnp.arange(batch)[:, None], order].set(drop)
-    return jnp.where(drop, -jnp.inf, logits)
-
-
 @partial(jax.jit, static_argnums=(0,), static_argnames=("max_new_tokens", "greedy", "eos"))
 def _generate(graphdef, state, ids, mask, key, temperature, top_k, top_p, pad, *, max_new_tokens, greedy, eos):
     model = nnx.merge(graphdef, state)
@@ -119,10 +100,7 @@ def _generate(graphdef, state, ids, mask, key, temperature, top_k, top_p, pad, *
     def step(carry, step_key):
         cache, last, done = carry
         last = last.astype(jnp.float32)
-        if greedy:
-            token = jnp.argmax(last, axis=-1)
-        else:
-            token = jax.random.categorical(step_key, filter_logits(last / temperature, top_k, top_p), axis=-1)
+        token = jnp.argmax(last, axis=-1) if greedy else sample_token(step_key, last, temperature, top_k, top_p)
         token = jnp.where(done, pad, token).astype(jnp.int32)
         done = done | jnp.isin(token, jnp.asarray(eos, jnp.int32)) if eos else done
         # A module made at this trace level: NNX transforms refuse modules from an outer trace.
