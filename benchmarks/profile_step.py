@@ -36,7 +36,7 @@ import numpy as np
 import optax
 
 import jaxlora
-from benchmarks import common, jax_worker
+from benchmarks import common, jax_worker, report
 
 _DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "pred": 1, "u32": 4, "s8": 1, "u8": 1}
 
@@ -228,15 +228,6 @@ def breakdown_markdown(shape: common.GPT2Shape, variant: str, repeats: int, step
 BREAKDOWN_START, BREAKDOWN_END = "<!-- breakdown:start -->", "<!-- breakdown:end -->"
 
 
-def write_readme_block(readme: Path, block: str) -> None:
-    text = readme.read_text()
-    if BREAKDOWN_START not in text or BREAKDOWN_END not in text:
-        raise ValueError(f"{readme} lacks the {BREAKDOWN_START} / {BREAKDOWN_END} markers")
-    head, rest = text.split(BREAKDOWN_START, 1)
-    _, tail = rest.split(BREAKDOWN_END, 1)
-    readme.write_text(f"{head}{BREAKDOWN_START}\n{block}{BREAKDOWN_END}{tail}")
-
-
 def _time(fn: Any, *args: Any, repeats: int) -> float:
     compiled = jax.jit(fn).lower(*args).compile()
     timing = common.time_steps(lambda: compiled(*args), jax.block_until_ready, warmup=1, steps=1, repeats=repeats)
@@ -319,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
         block = breakdown_markdown(shape, name, args.repeats, args.trace_steps)
         print(block)
         if args.write_readme and not args.smoke:
-            write_readme_block(Path(__file__).with_name("README.md"), block)
+            report.replace_marked(Path(__file__).with_name("README.md"), BREAKDOWN_START, BREAKDOWN_END, block)
             print("wrote the breakdown into benchmarks/README.md")
     for name in [] if args.breakdown_only else args.configs:
         rows, hlo = profile(shape, None if name == "full" else name, args.repeats)

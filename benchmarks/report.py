@@ -598,14 +598,19 @@ def _rounds_note(run: dict[str, Any]) -> list[str]:
     ]
 
 
+def replace_marked(readme: Path, start: str, end: str, body: str) -> None:
+    """Replaces the text between the markers `start` and `end` of `readme` with `body` (which ends in a newline)."""
+    text = readme.read_text()
+    if start not in text or end not in text:
+        raise ValueError(f"{readme} lacks the {start} / {end} markers")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{start}\n{body}{end}{tail}")
+
+
 def update_readme(readme: Path, table: str) -> None:
     """Replaces the text between the results markers of the README with `table`."""
-    text = readme.read_text()
-    if README_START not in text or README_END not in text:
-        raise ValueError(f"{readme} lacks the {README_START} / {README_END} markers")
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    readme.write_text(f"{head}{README_START}\n{table}\n{README_END}{tail}")
+    replace_marked(readme, README_START, README_END, f"{table}\n")
 
 
 # --------------------------------------------------------------------------------------------------------------
