@@ -38,6 +38,7 @@ import numpy as np
 
 from jaxlora._src.name_maps import ModuleName, torch_module, torch_param
 from jaxlora._src.safetensors_io import read_tensors
+from jaxlora.models.normalization import LayerNorm
 from jaxlora.models.sampling import sample_token
 
 Params = dict[str, Any]
@@ -263,11 +264,11 @@ class Block(nn.Module):
     ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         eps = self.config.layer_norm_epsilon
         attn = CausalSelfAttention(self.config, name="attn")(
-            nn.LayerNorm(eps, name="ln_1")(x), mask, deterministic, layer_cache
+            LayerNorm(eps, name="ln_1")(x), mask, deterministic, layer_cache
         )
         attn, new_kv = attn if layer_cache is not None else (attn, None)
         x = x + attn
-        x = x + MLP(self.config, name="mlp")(nn.LayerNorm(eps, name="ln_2")(x), deterministic)
+        x = x + MLP(self.config, name="mlp")(LayerNorm(eps, name="ln_2")(x), deterministic)
         return x if layer_cache is None else (x, new_kv)
 
 
@@ -368,7 +369,7 @@ def _transformer(
     else:
         x, (keys, values) = _cached_blocks(cfg, x, mask, deterministic, kv_cache)
         new_cache = KVCache(keys, values, kv_cache.index + length, kv_cache.start)
-    return nn.LayerNorm(cfg.layer_norm_epsilon, name="ln_f")(x), wte, new_cache
+    return LayerNorm(cfg.layer_norm_epsilon, name="ln_f")(x), wte, new_cache
 
 
 class GPT2(nn.Module):
