@@ -38,6 +38,7 @@ import numpy as np
 
 from jaxlora._src.name_maps import ModuleName, torch_module, torch_param
 from jaxlora._src.safetensors_io import read_tensors
+from jaxlora.models.attention import attention
 from jaxlora.models.normalization import LayerNorm
 from jaxlora.models.sampling import sample_token
 
@@ -230,11 +231,14 @@ class CausalSelfAttention(nn.Module):
             cached_k, cached_v, index = layer_cache
             k = jax.lax.dynamic_update_slice_in_dim(cached_k, k.astype(cached_k.dtype), index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(cached_v, v.astype(cached_v.dtype), index, axis=1)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(head_dim)
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        weights = nn.Dropout(cfg.dropout)(weights, deterministic=deterministic)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, length, width)
+        if deterministic or cfg.dropout == 0.0:  # keeps no (query, key)-sized tensor for the backward pass
+            out = attention(q, k, v, mask).reshape(batch, length, width)
+        else:  # dropout on the attention weights
+            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(head_dim)
+            scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+            weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+            weights = nn.Dropout(cfg.dropout)(weights, deterministic=deterministic)
+            out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, length, width)
         out = _dense(width, "c_proj", cfg.initializer_range / math.sqrt(2 * cfg.n_layer))(out)
         out = nn.Dropout(cfg.dropout)(out, deterministic=deterministic)
         return out if layer_cache is None else (out, (k, v))
