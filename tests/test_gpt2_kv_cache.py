@@ -28,7 +28,13 @@ TARGETS = r"h_\d+/(attn|mlp)/.*/kernel|wte/embedding"
 @pytest.fixture(scope="module")
 def base():
     model = GPT2(CONFIG)
-    return model, model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    return model, jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]  # one compile
+
+
+@pytest.fixture(scope="module")
+def adapter_sets(base):
+    """Three (adapters, plan) sets for the base, built once for the tests that use one or all of them."""
+    return _adapter_sets(base[1], 3)
 
 
 def _prompt(shape, seed=0):
@@ -37,14 +43,16 @@ def _prompt(shape, seed=0):
 
 def _adapter_sets(params, n, rank=4):
     plan = jaxlora.plan(params, jaxlora.LoraConfig(rank=rank, alpha=2.0 * rank, targets=TARGETS))
-    sets = []
-    for i in range(n):
-        _, adapters = jaxlora.init(jax.random.key(10 + i), params, plan)
-        noise = jax.random.split(jax.random.key(20 + i), len(jax.tree.leaves(adapters)))
+
+    @jax.jit  # one compile for all sets (eagerly, each op compiles on its own)
+    def noisy_adapters(key, noise_key):
+        _, adapters = jaxlora.init(key, params, plan)
+        noise = jax.random.split(noise_key, len(jax.tree.leaves(adapters)))
         leaves = jax.tree.leaves(adapters)
         leaves = [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, noise, strict=True)]
-        sets.append((jax.tree.unflatten(jax.tree.structure(adapters), leaves), plan))
-    return sets
+        return jax.tree.unflatten(jax.tree.structure(adapters), leaves)
+
+    return [(noisy_adapters(jax.random.key(10 + i), jax.random.key(20 + i)), plan) for i in range(n)]
 
 
 def lora_forward(model, state, ids, cache):
@@ -55,6 +63,22 @@ def lora_forward(model, state, ids, cache):
 def bank_forward(model, state, ids, cache):
     params, bank, adapter_ids = state
     return jaxlora.apply_bank(model, {"params": params}, bank, adapter_ids, ids, kv_cache=cache)
+
+
+@partial(jax.jit, static_argnums=0)
+def full_forward(model, params, ids):
+    """The plain uncached forward, jitted: one compile per shape (eagerly, each of its ops compiles on its own)."""
+    return model.apply({"params": params}, ids)
+
+
+def greedy_alone(model, params, prompt, max_new_tokens, length):
+    """`generate_greedy` of a 1-D prompt, run on to `length` tokens in all (>= its length + max_new_tokens).
+
+    Prompts of different lengths then share one buffer shape and so one compile; greedy tokens depend only on
+    those before them, so the first max_new_tokens new ones are those of a run of exactly max_new_tokens.
+    """
+    assert length >= len(prompt) + max_new_tokens
+    return generate_greedy(model, params, prompt, length - len(prompt))
 
 
 PLAN_HOLDER: dict = {}  # lora_forward is static under jit: the plan reaches it here, not as a traced argument
@@ -71,7 +95,7 @@ def test_cached_greedy_equals_full_recompute(base, prompt_len, scan_layers):
     reference = generate_greedy(model, params, prompt, 12)
     np.testing.assert_array_equal(tokens, reference)
     # The logits each token was picked from equal the uncached forward over the finished buffer.
-    full = model.apply({"params": params}, reference)[:, prompt_len - 1 : -1]
+    full = full_forward(model, params, reference)[:, prompt_len - 1 : -1]
     np.testing.assert_allclose(logits, full, rtol=1e-5, atol=2e-5)
     assert logits.shape == (3, 12, VOCAB)
 
@@ -92,29 +116,29 @@ def test_rows_of_different_prompt_lengths_decode_as_if_alone(base, scan_layers):
     ids, mask = left_pad(prompts)  # pad id 50256 lies outside this vocabulary: it must never be looked up
     tokens, logits = generate(model, params, ids, 10, attention_mask=mask, return_logits=True)
     for row, prompt in enumerate(prompts):
-        alone = generate_greedy(model, params, prompt, 10)
-        np.testing.assert_array_equal(tokens[row, 7:], alone[len(prompt) :])
-        full = model.apply({"params": params}, alone[None])[0, len(prompt) - 1 : -1]
+        alone = greedy_alone(model, params, prompt, 10, 17)
+        np.testing.assert_array_equal(tokens[row, 7:], alone[len(prompt) : len(prompt) + 10])
+        full = full_forward(model, params, alone[None])[0, len(prompt) - 1 : len(prompt) + 9]
         np.testing.assert_allclose(logits[row], full, rtol=1e-5, atol=2e-5)
 
 
-def test_unmerged_lora_through_jaxlora_apply_equals_merged(base):
+def test_unmerged_lora_through_jaxlora_apply_equals_merged(base, adapter_sets):
     model, params = base
-    ((adapters, plan),) = _adapter_sets(params, 1)
+    adapters, plan = adapter_sets[0]
     PLAN_HOLDER["plan"] = plan
     prompt = _prompt((2, 6), seed=3)
     tokens, logits = generate(model, (params, adapters), prompt, 10, forward=lora_forward, return_logits=True)
     merged = jaxlora.merge(params, adapters, plan)
     reference = generate_greedy(model, merged, prompt, 10)
     np.testing.assert_array_equal(tokens, reference)
-    np.testing.assert_allclose(logits, model.apply({"params": merged}, reference)[:, 5:-1], rtol=1e-5, atol=5e-5)
+    np.testing.assert_allclose(logits, full_forward(model, merged, reference)[:, 5:-1], rtol=1e-5, atol=5e-5)
     assert not np.array_equal(reference, generate_greedy(model, params, prompt, 10)), "the adapter changes nothing"
 
 
 @pytest.mark.parametrize("scan_layers", [False, pytest.param(True, marks=pytest.mark.slow)])
-def test_mixed_adapter_batch_through_the_bank_equals_each_row_merged_alone(base, scan_layers):
+def test_mixed_adapter_batch_through_the_bank_equals_each_row_merged_alone(base, adapter_sets, scan_layers):
     model, params = base
-    sets = _adapter_sets(params, 3)
+    sets = adapter_sets
     if scan_layers:
         model = GPT2(dataclasses.replace(CONFIG, scan_layers=True))
         stacked = gpt2.stack_layers(params, CONFIG.n_layer)
@@ -132,8 +156,10 @@ def test_mixed_adapter_batch_through_the_bank_equals_each_row_merged_alone(base,
     tokens = generate(model, (params, bank, bank.ids(slots)), ids, 8, attention_mask=mask, forward=bank_forward)
     for row, (slot, prompt) in enumerate(zip(slots, prompts, strict=True)):
         merged = params if slot is None else jaxlora.merge(params, *sets[bank.index(slot)])
-        alone = generate_greedy(model, merged, prompt, 8)
-        np.testing.assert_array_equal(tokens[row, 6:], alone[len(prompt) :], err_msg=f"row {row} ({slot})")
+        alone = greedy_alone(model, merged, prompt, 8, 14)
+        np.testing.assert_array_equal(
+            tokens[row, 6:], alone[len(prompt) : len(prompt) + 8], err_msg=f"row {row} ({slot})"
+        )
 
 
 def test_top_k_one_is_greedy_and_sampling_is_reproducible_by_key(base):

@@ -6,6 +6,8 @@ the model with its adapter merged.
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -31,7 +33,8 @@ def _base():
 def _trained(params, config, seed):
     """Adapters of `config` with random A and B (a trained adapter: B != 0)."""
     plan = jaxlora.plan(params, config)
-    _, adapters = jaxlora.init(jax.random.key(seed), params, plan)
+    # Only the tree's structure and shapes are used (every leaf is replaced): traced, not run (no compiles).
+    _, adapters = jax.eval_shape(lambda: jaxlora.init(jax.random.key(seed), params, plan))
     leaves, treedef = jax.tree.flatten(adapters)
     keys = jax.random.split(jax.random.key(seed + 100), len(leaves))
     leaves = [jax.random.normal(k, x.shape, x.dtype) * 0.5 for k, x in zip(keys, leaves, strict=True)]
@@ -221,9 +224,15 @@ class Tower(nn.Module):
 
 
 def _tower():
+    model, tokens, params, entries = _tower_once()
+    return model, tokens, params, list(entries)
+
+
+@functools.cache  # built once for the tests that use it (arrays are immutable; _tower hands out a fresh list)
+def _tower_once():
     model = Tower()
     tokens = jax.random.randint(jax.random.key(4), (6, 5), 0, 32)
-    params = model.init(jax.random.key(0), tokens)["params"]
+    params = jax.jit(model.init)(jax.random.key(0), tokens)["params"]
     heads = {"heads/kernel": 1}  # DenseGeneral (12,) -> (3, 4)
     configs = [
         jaxlora.LoraConfig(rank=2, alpha=4.0, targets=(jaxlora.ALL_KERNELS, jaxlora.ALL_EMBEDDINGS), fan_in_ndim=heads),
@@ -231,7 +240,7 @@ def _tower():
         jaxlora.LoraConfig(rank=1, alpha=3.0, targets=(r"embed/embedding", r"merge_heads/kernel")),
     ]
     entries = [_trained(params, c, 10 + i) for i, c in enumerate(configs)]
-    return model, tokens, params, entries
+    return model, tokens, params, tuple(entries)
 
 
 def _rowwise(model, params, entries, ids, *args):
@@ -285,7 +294,7 @@ def test_a_mixed_batch_of_gpt2_stacked_or_not_equals_each_row_alone(scan_layers)
     config = GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=2, n_head=2, scan_layers=scan_layers)
     model = GPT2(config)
     tokens = jax.random.randint(jax.random.key(5), (4, 6), 0, 40)
-    params = model.init(jax.random.key(0), tokens)["params"]
+    params = jax.jit(model.init)(jax.random.key(0), tokens)["params"]  # one compile (eagerly: one per op)
     blocks = "h" if scan_layers else r"h_\d+"
     stacked = {r"h/.*": 1} if scan_layers else {}
     configs = [

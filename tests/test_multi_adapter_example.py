@@ -47,6 +47,7 @@ def test_quick_serves_a_mixed_batch_equal_to_each_adapter_merged_alone(example, 
     assert json.loads((tmp_path / "metrics.json").read_text())["rows"] == rows
 
 
+@pytest.mark.slow  # an end-to-end run of the README's snippet (GPT-2 built, adapters trained, decoding): ~15 s
 def test_the_readme_serving_snippet_runs_as_written():
     import re
 

@@ -129,22 +129,25 @@ def test_forward_and_gradients_match_the_plain_reference(kind):
     assert jq.is_quantized(quantized["linear1"]["kernel"]) and not jq.is_quantized(quantized["linear3"]["kernel"])
     plan.check_params(quantized)  # the plan built from the float tree fits the quantized one
     _, adapters = jaxlora.init(jax.random.key(2), params, plan)
+    # Everything below runs under jit: one compile per function (eagerly, each op compiles on its own, which is
+    # most of this test's time), and the same values.
     np.testing.assert_allclose(  # B = 0: the (dequantized) base model
-        jaxlora.apply(model, {"params": quantized}, adapters, plan, x),
-        model.apply({"params": jq.dequantize_params(quantized)}, x),
+        jax.jit(lambda q, a: jaxlora.apply(model, {"params": q}, a, plan, x))(quantized, adapters),
+        jax.jit(lambda q: model.apply({"params": jq.dequantize_params(q)}, x))(quantized),
         rtol=1e-5,
         atol=1e-5,
     )
     adapters = _trained(adapters)
-    forward = jaxlora.apply_fn(model, plan, strict=True)
-    want = _reference(model, quantized, adapters, plan, x)
+    forward = jax.jit(jaxlora.apply_fn(model, plan, strict=True))
+    reference = jax.jit(lambda q, a, x: _reference(model, q, a, plan, x))
+    want = reference(quantized, adapters, x)
     np.testing.assert_allclose(forward({"params": quantized}, adapters, x), want, rtol=1e-5, atol=1e-5)
 
     def loss(f):
         return lambda adapters, x: jnp.sum(jnp.sin(f(adapters, x)))
 
-    got = jax.grad(loss(lambda a, x: forward({"params": quantized}, a, x)), (0, 1))(adapters, x)
-    ref = jax.grad(loss(lambda a, x: _reference(model, quantized, a, plan, x)), (0, 1))(adapters, x)
+    got = jax.jit(jax.grad(loss(lambda a, x: forward({"params": quantized}, a, x)), (0, 1)))(adapters, x)
+    ref = jax.jit(jax.grad(loss(lambda a, x: reference(quantized, a, x)), (0, 1)))(adapters, x)
     jax.tree.map(lambda g, r: np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5), got, ref)
 
 
@@ -246,9 +249,9 @@ def test_quantized_step_memory_falls_by_the_bytes_quantization_saves(embeddings)
     cfg = gpt2.GPT2Config(n_layer=4, n_head=4, n_embd=256, vocab_size=vocab, n_positions=32)
     model = gpt2.GPT2(cfg)
     tokens = jax.random.randint(jax.random.key(0), (2, 17), 0, cfg.vocab_size)
-    params = model.init(jax.random.key(2), tokens[:, :-1])["params"]
+    params = jax.jit(model.init)(jax.random.key(2), tokens[:, :-1])["params"]  # jitted: one compile, not one per op
     plan = jaxlora.plan(params, jaxlora.LoraConfig(rank=16, alpha=32.0))
-    quantized = jq.quantize(params, plan, kind="nf4", embeddings=embeddings)
+    quantized = jax.jit(lambda p: jq.quantize(p, plan, kind="nf4", embeddings=embeddings))(params)
     chosen = {path for path, leaf in jaxlora._src.paths.leaves_with_paths(quantized) if jq.is_quantized(leaf)}
     assert ({"wte/embedding", "wpe/embedding"} <= chosen) == embeddings and set(plan.leaves) <= chosen
     float_kernels = sum(4 * leaf.size for path, leaf in jaxlora._src.paths.leaves_with_paths(params) if path in chosen)
@@ -275,10 +278,10 @@ def _tied_gpt2(kind):
     cfg = gpt2.GPT2Config(n_layer=2, n_head=2, n_embd=128, vocab_size=96, n_positions=16)
     model = gpt2.GPT2(cfg)
     tokens = jax.random.randint(jax.random.key(0), (2, 9), 0, cfg.vocab_size)
-    params = model.init(jax.random.key(1), tokens)["params"]
+    params = jax.jit(model.init)(jax.random.key(1), tokens)["params"]  # jitted: one compile, not one per op
     config = jaxlora.LoraConfig(rank=4, alpha=8.0, targets=(r"wte/embedding", r"h_\d+/attn/c_attn/kernel"))
     plan = jaxlora.plan(params, config)
-    return model, tokens, params, plan, jq.quantize(params, plan, kind=kind, embeddings=True)
+    return model, tokens, params, plan, jax.jit(lambda p: jq.quantize(p, plan, kind=kind, embeddings=True))(params)
 
 
 def _plain_reference(model, quantized, adapters, plan, tokens):
@@ -302,15 +305,17 @@ def test_quantized_embeddings_serve_the_lookup_and_the_tied_head(kind):
     assert not jq.is_quantized(quantized["ln_f"]["scale"]) and not jq.is_quantized(quantized["h_0"]["ln_1"]["bias"])
     _, adapters = jaxlora.init(jax.random.key(2), params, plan)
     adapters = _trained(adapters)
-    forward = jaxlora.apply_fn(model, plan, strict=True)
-    want = _plain_reference(model, quantized, adapters, plan, tokens)
+    # Under jit: one compile per function (eagerly, each op compiles on its own, which is most of this test's time).
+    forward = jax.jit(jaxlora.apply_fn(model, plan, strict=True))
+    reference = jax.jit(lambda q, a: _plain_reference(model, q, a, plan, tokens))
+    want = reference(quantized, adapters)
     np.testing.assert_allclose(forward({"params": quantized}, adapters, tokens), want, rtol=1e-5, atol=1e-5)
 
     def loss(f):
         return lambda adapters: jnp.sum(jnp.sin(f(adapters)))
 
-    got = jax.grad(loss(lambda a: forward({"params": quantized}, a, tokens)))(adapters)
-    ref = jax.grad(loss(lambda a: _plain_reference(model, quantized, a, plan, tokens)))(adapters)
+    got = jax.jit(jax.grad(loss(lambda a: forward({"params": quantized}, a, tokens))))(adapters)
+    ref = jax.jit(jax.grad(loss(lambda a: reference(quantized, a))))(adapters)
     jax.tree.map(lambda g, r: np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4 * np.abs(r).max()), got, ref)
     # The frozen quantized table gets no gradient, and a frozen (unadapted) quantized wpe serves too.
     assert "wpe" not in adapters and "wpe" not in plan.leaves
