@@ -18,8 +18,11 @@ import jax
 import jax.numpy as jnp
 
 
-def _masked_scores(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
-    """Float32 scores q kᵀ / √d (batch, heads, query, key), the hidden ones at float32's minimum."""
+def masked_scores(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
+    """Float32 scores q kᵀ / √d (batch, heads, query, key), the hidden ones at float32's minimum.
+
+    `attention`'s first step; also for callers that must act on the weights themselves (dropout on them).
+    """
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
     return jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
 
@@ -51,7 +54,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
 
 
 def _attention_fwd(q, k, v, mask):
-    scores = _masked_scores(q, k, mask)
+    scores = masked_scores(q, k, mask)
     row_max = jnp.max(scores, -1, keepdims=True)  # jax.nn.softmax's operations, in its order
     exponentials = jnp.exp(scores - row_max)
     row_sum = jnp.sum(exponentials, -1, keepdims=True)

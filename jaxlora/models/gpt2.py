@@ -38,7 +38,7 @@ import numpy as np
 
 from jaxlora._src.name_maps import ModuleName, torch_module, torch_param
 from jaxlora._src.safetensors_io import read_tensors
-from jaxlora.models.attention import attention
+from jaxlora.models.attention import attention, masked_scores
 from jaxlora.models.normalization import LayerNorm
 from jaxlora.models.sampling import sample_token
 
@@ -234,9 +234,7 @@ class CausalSelfAttention(nn.Module):
         if deterministic or cfg.dropout == 0.0:  # keeps no (query, key)-sized tensor for the backward pass
             out = attention(q, k, v, mask).reshape(batch, length, width)
         else:  # dropout on the attention weights
-            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(head_dim)
-            scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-            weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+            weights = jax.nn.softmax(masked_scores(q, k, mask), axis=-1).astype(v.dtype)
             weights = nn.Dropout(cfg.dropout)(weights, deterministic=deterministic)
             out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, length, width)
         out = _dense(width, "c_proj", cfg.initializer_range / math.sqrt(2 * cfg.n_layer))(out)
