@@ -175,10 +175,9 @@ def _reference(params, adapters, x, scale):
     return layer(params["proj"], adapters["proj"], h)
 
 
-def test_an_unregistered_user_layer_is_warned_about_and_merged(recwarn):
+def test_an_unregistered_user_layer_is_served_by_its_dot_general_under_strict():
     model, x, params, plan, adapters = _user_setup()
-    with pytest.warns(UserWarning, match=r"not consumed by a layer.*jaxlora\.register_layer"):
-        out = jaxlora.apply(model, {"params": params}, adapters, plan, x)
+    out = jaxlora.apply_fn(model, plan, strict=True)({"params": params}, adapters, x)
     np.testing.assert_allclose(out, _reference(params, adapters, x, 1.5), rtol=1e-5, atol=1e-5)
 
 

@@ -233,7 +233,7 @@ def test_dora_on_an_unsupported_layer_kind_is_named():
     plan = jaxlora.plan(params, jaxlora.LoraConfig(rank=2, targets=("conv/kernel",), use_dora=True))
     _, adapters = jaxlora.init(jax.random.key(1), params, plan)
     with pytest.raises(
-        ValueError, match=r"DoRA \(use_dora=True\) is not supported yet for Conv layers \(at 'conv/kernel'\)"
+        ValueError, match=r"DoRA \(use_dora=True\) is not supported yet for 'conv/kernel', which meets a convolution"
     ):
         jaxlora.apply(model, {"params": params}, adapters, plan, tokens)
 

@@ -65,18 +65,27 @@ def test_nnx_linear_dora_forward_and_gradients_match_the_plain_reference():
     jax.tree.map(lambda g, r: np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5), got, want)
 
 
-def test_nnx_dora_on_an_unsupported_layer_kind_is_named():
+def test_nnx_dora_is_served_on_an_einsum_computing_x_w_and_refused_by_name_on_a_convolution():
     class _Proj(nnx.Module):
         def __init__(self, rngs):
             self.proj = nnx.Einsum("bi,io->bo", (6, 4), rngs=rngs)
+            self.conv = nnx.Conv(4, 2, (3,), rngs=rngs)
 
         def __call__(self, x):
-            return self.proj(x)
+            return self.conv(self.proj(x)[:, None, :])
 
     model = _Proj(nnx.Rngs(0))
     params = nnx.state(model, nnx.Param)
+    x = jax.random.normal(jax.random.key(3), (2, 6))
     plan = jaxlora.plan(params, jaxlora.LoraConfig(rank=2, use_dora=True, targets=(r"proj/kernel",)))
     _, adapters = jaxlora.init(jax.random.key(1), params, plan)
-    message = "DoRA (use_dora=True) is not supported yet for Einsum layers (at 'proj/kernel')"
+    adapters = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(jax.random.key(4), a.shape), adapters)
+    out = jaxlora.apply_nnx_fn(plan, strict=True)(model, adapters, x)
+    merged = nnx.merge(*nnx.split(model))
+    nnx.update(merged, jaxlora.merge(params, adapters, plan))
+    np.testing.assert_allclose(out, merged(x), rtol=1e-5, atol=1e-5)
+    plan = jaxlora.plan(params, jaxlora.LoraConfig(rank=2, use_dora=True, targets=(r"conv/kernel",)))
+    _, adapters = jaxlora.init(jax.random.key(1), params, plan)
+    message = "DoRA (use_dora=True) is not supported yet for 'conv/kernel', which meets a convolution"
     with pytest.raises(ValueError, match=re.escape(message)):
-        jaxlora.apply_nnx_fn(plan)(model, adapters, jnp.ones((2, 6)))
+        jaxlora.apply_nnx_fn(plan)(model, adapters, x)

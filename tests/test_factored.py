@@ -61,12 +61,21 @@ def test_unservable_adapter_is_reported_and_merged_or_refused_when_strict():
     config = jaxlora.LoraConfig(rank=2, alpha=3.0, targets=("heads/kernel",))  # default fan_in_ndim=2 misfits axis=-1
     _, adapters = jaxlora.init(jax.random.key(2), params, config)
     adapters = _randomize(adapters)
-    with pytest.warns(UserWarning, match=r"\['heads/kernel'\] are not consumed"):
+    cause = r"heads/kernel: it is contracted with x over its axes \(0,\) .* the plan's adapter contracts axes \(0, 1\)"
+    with pytest.warns(UserWarning, match=cause):
         out = jaxlora.apply(model, {"params": params}, adapters, config, tokens)
     merged = apply_merged(model, params, adapters, config, tokens)
     np.testing.assert_allclose(out, merged, rtol=1e-6, atol=1e-6)
-    with pytest.raises(ValueError, match=r"heads/kernel.*register_layer"):
+    with pytest.raises(ValueError, match=cause + r".*model=model, example="):
         jaxlora.apply_fn(model, config, strict=True)({"params": params}, adapters, tokens)
+    # Read from the operation instead, the layout serves it: fan_in_ndim is not needed.
+    plan = jaxlora.plan(params, jaxlora.LoraConfig(rank=2, alpha=3.0, targets=("heads/kernel",)), model=model,
+                        example=tokens)  # fmt: skip
+    assert plan.leaves["heads/kernel"].a_shape == (12, 2)
+    _, adapters = jaxlora.init(jax.random.key(2), params, plan)
+    adapters = _randomize(adapters)
+    out = jaxlora.apply_fn(model, plan, strict=True)({"params": params}, adapters, tokens)
+    np.testing.assert_allclose(out, apply_merged(model, params, adapters, plan, tokens), rtol=1e-5, atol=1e-5)
 
 
 def test_gradients_of_the_hand_written_backward_equal_autodiff_of_the_merged_model():
@@ -173,7 +182,7 @@ def test_kernels_stacked_by_scan_fall_back_to_merging_instead_of_failing():
     config = jaxlora.LoraConfig(rank=2, alpha=2.0)
     _, adapters = jaxlora.init(jax.random.key(2), params, config)
     adapters = _randomize(adapters)
-    with pytest.warns(UserWarning, match="not consumed"):
+    with pytest.warns(UserWarning, match="it is stacked by a scan"):
         out = jaxlora.apply(model, {"params": params}, adapters, config, x)
     merged = apply_merged(model, params, adapters, config, x)
     np.testing.assert_allclose(out, merged, rtol=1e-6, atol=1e-6)

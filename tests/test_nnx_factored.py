@@ -225,32 +225,43 @@ class Custom(nnx.Module):
         return jnp.einsum("bi,io->bo", x, self.kernel[...])
 
 
-def test_an_unservable_nnx_layer_is_merged_with_a_warning_or_refused_when_strict():
+class Reshaping(nnx.Module):  # reads its kernel through a reshape, which has no factored form
+    def __init__(self, rngs):
+        self.kernel = nnx.Param(jax.random.normal(rngs.params(), (6, 4)))
+
+    def __call__(self, x):
+        return x @ self.kernel[...].reshape(3, 2, 4).reshape(6, 4)
+
+
+def test_an_unregistered_nnx_layer_is_served_by_its_einsum_and_an_unservable_one_is_merged_or_refused():
     class Holder(nnx.Module):
         def __init__(self, rngs):
             self.custom = Custom(rngs)
+            self.odd = Reshaping(rngs)
 
         def __call__(self, x):
-            return self.custom(x)
+            return self.odd(x) + self.custom(x)
 
     model = Holder(nnx.Rngs(0))
     x = jnp.ones((2, 6))
     params = nnx.state(model, nnx.Param)
+    served = jaxlora.plan(params, jaxlora.LoraConfig(rank=2, targets=("custom/kernel",)))
+    _, adapters = jaxlora.init(jax.random.key(1), params, served)
+    adapters = _randomize(adapters)
+    out = jaxlora.apply_nnx_fn(served, strict=True)(model, adapters, x)  # no register_layer needed
+    np.testing.assert_allclose(out, _merged_call(model, adapters, served, x), atol=1e-5)
+
     plan = jaxlora.plan(params, jaxlora.LoraConfig(rank=2))
     _, adapters = jaxlora.init(jax.random.key(1), params, plan)
     adapters = _randomize(adapters)
-    before = np.array(model.custom.kernel[...])
-    with pytest.warns(UserWarning, match=r"custom/kernel.*not consumed by an nnx layer"):
+    before = np.array(model.odd.kernel[...])
+    with pytest.warns(UserWarning, match=r"\n  odd/kernel: it goes through `reshape`"):
         out = jaxlora.apply_nnx(model, adapters, plan, x)
-    np.testing.assert_array_equal(model.custom.kernel[...], before)  # the fallback merged into a private copy
+    np.testing.assert_array_equal(model.odd.kernel[...], before)  # merged for that use, never into the module
     np.testing.assert_allclose(out, _merged_call(model, adapters, plan, x), atol=1e-5)
-    with pytest.raises(ValueError, match=r"custom/kernel.*jaxlora\.register_layer"):
+    with pytest.raises(ValueError, match=r"strict=True.*\n  odd/kernel: it goes through `reshape`") as refused:
         jaxlora.apply_nnx_fn(plan, strict=True)(model, adapters, x)
-    jaxlora.register_layer(Custom)  # the default rule: base + s·(x A) B over x's last axis
-    try:
-        np.testing.assert_allclose(jaxlora.apply_nnx_fn(plan, strict=True)(model, adapters, x), out, atol=1e-5)
-    finally:
-        jaxlora.unregister_layer(Custom)
+    assert "custom/kernel" not in str(refused.value)  # only the leaf that cannot be served is named
 
 
 @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)

@@ -207,7 +207,7 @@ def test_dora_with_a_quantized_base_is_refused():
     _, adapters = jaxlora.init(jax.random.key(2), params, plan)
     with pytest.raises(ValueError, match=r"cannot merge the DoRA adapter of 'linear1/kernel' into a quantized"):
         jaxlora.merge(quantized, adapters, plan)
-    with pytest.raises(ValueError, match=r"DoRA on a quantized kernel \('linear1'\) is not supported yet"):
+    with pytest.raises(ValueError, match=r"DoRA on a quantized kernel \('linear1/kernel'\) is not supported yet"):
         jaxlora.apply(model, {"params": quantized}, adapters, plan, x)
 
 

@@ -6,6 +6,8 @@ by `jax.grad`.
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -166,16 +168,13 @@ def test_dropout_draws_a_different_mask_for_every_stacked_layer():
         rank=3, alpha=6.0, targets=("layers/.*/kernel",), stacked_axes={"layers/.*": 1}, dropout=0.5
     )
     model, x, params, plan, adapters = _setup(config)
-    seen = []
-
-    def spy(next_fun, args, kwargs, context):
-        if context.module.path == ("layers", "up") and context.module.has_variable("params", "kernel:lora_rng"):
-            seen.append(context.module.get_variable("params", "kernel:lora_rng"))
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(spy):
-        run = jaxlora.apply(model, {"params": params}, adapters, plan, x, rngs={"lora_dropout": jax.random.key(7)})
-    assert seen and seen[0].shape == (2,)  # the scan body sees one layer's key
+    run = jaxlora.apply(model, {"params": params}, adapters, plan, x, rngs={"lora_dropout": jax.random.key(7)})
+    # The per-layer keys: each stacked layer's slice of the leaf's keys (split from one key per leaf) differs.
+    keys = jaxlora._src.serving.leaf_rng(jax.random.key(7), plan.leaves["layers/up/kernel"])
+    assert keys.shape == (params["layers"]["up"]["kernel"].shape[0],)
+    data = jax.random.key_data(keys).reshape(keys.shape[0], -1)
+    assert len({tuple(np.asarray(row).tolist()) for row in data}) == keys.shape[0]
+    assert float(jnp.abs(run - jaxlora.apply(model, {"params": params}, adapters, plan, x)).max()) > 1e-3
     again = jaxlora.apply(model, {"params": params}, adapters, plan, x, rngs={"lora_dropout": jax.random.key(7)})
     other = jaxlora.apply(model, {"params": params}, adapters, plan, x, rngs={"lora_dropout": jax.random.key(8)})
     np.testing.assert_array_equal(run, again)
@@ -198,13 +197,27 @@ def test_a_hand_written_lax_scan_over_the_stacked_tree_serves_each_layer_factore
     np.testing.assert_allclose(out, _reference(params, adapters, x, 2.0), rtol=1e-5, atol=1e-5)
 
 
-def test_an_undeclared_stack_falls_back_to_merging_with_a_warning():
-    config = jaxlora.LoraConfig(rank=3, alpha=6.0, targets=("layers/up/kernel",))  # no stacked_axes
+def test_an_undeclared_stack_falls_back_to_merging_with_a_warning_naming_the_fix():
+    config = jaxlora.LoraConfig(rank=3, alpha=6.0, targets=("layers/up/kernel",))  # no stacked_axes, no model
     model, x, params, plan, adapters = _setup(config)
     assert adapters["layers"]["up"]["kernel"]["lora_b"].shape == (3, HIDDEN)  # one update of the (L*in, out) view
-    with pytest.warns(UserWarning, match=r"layers/up/kernel.*not consumed"):
+    with pytest.warns(UserWarning, match=r"layers/up/kernel: it is stacked by a scan .* set stacked_axes for it"):
         out = jaxlora.apply(model, {"params": params}, adapters, plan, x)
     np.testing.assert_allclose(out, model.apply({"params": jaxlora.merge(params, adapters, plan)}, x), atol=1e-5)
+    with pytest.raises(ValueError, match=r"strict=True.*\n  layers/up/kernel: it is stacked by a scan"):
+        jaxlora.apply_fn(model, plan, strict=True)({"params": params}, adapters, x)
+
+
+def test_a_plan_built_with_the_model_reads_the_stack_from_the_scan():
+    config = jaxlora.LoraConfig(rank=3, alpha=6.0, targets=("layers/up/kernel",))  # stacked_axes left out
+    model, x, params, _, _ = _setup(randomize=False)
+    plan = jaxlora.plan(params, config, model=model, example=x)
+    assert plan.leaves["layers/up/kernel"].stacked_axes == 1
+    assert plan.config.stacked_axes == {"layers/up/kernel": 1}  # spelled out, so checkpoints restore it
+    declared = jaxlora.plan(params, dataclasses.replace(config, stacked_axes={"layers/.*": 1}))
+    assert plan.leaves["layers/up/kernel"].a_shape == declared.leaves["layers/up/kernel"].a_shape
+    with pytest.raises(ValueError, match=r"stacked_axes gives 0 for 'layers/up/kernel'.*set stacked_axes to 1"):
+        jaxlora.plan(params, dataclasses.replace(config, stacked_axes={"layers/.*": 0}), model=model, example=x)
 
 
 def test_bad_stacking_is_refused_naming_the_path_and_the_fix():

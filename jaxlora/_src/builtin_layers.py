@@ -16,7 +16,7 @@ from flax.linen.dtypes import promote_dtype
 from jax import lax
 
 from jaxlora._src.dora import dora_linear, dora_linear_dropout
-from jaxlora._src.layer_kinds import Adapter, LayerCall, additive, linear_term, register_layer
+from jaxlora._src.layer_kinds import Adapter, LayerCall, additive, linear_term, mark_builtin, register_layer
 from jaxlora._src.linear import lora_linear
 from jaxlora._src.quantization import embedding_rows, is_quantized, quantized_attend, quantized_linear
 
@@ -188,3 +188,4 @@ def register_builtin_layers() -> None:
         contraction=lambda m: 1,
         serves_frozen=True,  # a quantized table needs serving without adapter too
     )
+    mark_builtin(nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.Embed)

@@ -21,7 +21,7 @@ from jaxlora._src.builtin_layers import (
     _embed_term,
     serve_dora_dense,
 )
-from jaxlora._src.layer_kinds import LayerCall, additive, linear_term, register_layer
+from jaxlora._src.layer_kinds import LayerCall, additive, linear_term, mark_builtin, register_layer
 from jaxlora._src.linear import lora_linear
 
 
@@ -99,3 +99,4 @@ def register_builtin_nnx_layers() -> None:
     register_layer(
         nnx.Embed, additive(_embed_term), param="embedding", methods=("__call__", "attend"), contraction=lambda m: 1
     )
+    mark_builtin(nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.Embed)

@@ -55,6 +55,9 @@ class LoraConfig:
       dropout: LoRA dropout on the adapter's input (active when a `lora_dropout` rng is given).
       modules_to_save: regexes of leaves trained in full (e.g. a new head).
       fan_in_ndim: regex -> how many kernel axes (after any stack axes) are inputs (default: all but the last).
+      in_axes: regex -> which axes of one layer's kernel contract with x, for kernels whose inputs are not their
+        leading axes (e.g. `(1,)` for a (heads, features, head_dim) kernel); `plan(..., model=...)` reads them from
+        the operations and spells them out here. A is then (*stack, *W[in_axes], r), B (*stack, r, *W[other axes]).
       stacked_axes: regex -> how many leading axes of the kernel stack layers (e.g. 1 for a kernel (L, in, out)
         made by `nn.scan` / `nnx.scan` / `nnx.vmap`); each stacked layer gets its own adapter, A (L, in, r) and
         B (L, r, out).
@@ -83,6 +86,7 @@ class LoraConfig:
     dropout: float = 0.0
     modules_to_save: tuple[str, ...] = ()
     fan_in_ndim: Mapping[str, int] = FrozenMapping()
+    in_axes: Mapping[str, tuple[int, ...]] = FrozenMapping()
     stacked_axes: Mapping[str, int] = FrozenMapping()
     layers_to_transform: Mapping[str, tuple[int, ...]] = FrozenMapping()
     predicate: Callable[[str, Any], bool] | None = None
@@ -94,11 +98,12 @@ class LoraConfig:
             object.__setattr__(self, field, _as_tuple(getattr(self, field)))
         for field in ("rank_pattern", "alpha_pattern", "fan_in_ndim", "stacked_axes", "layers_to_transform"):
             object.__setattr__(self, field, FrozenMapping(getattr(self, field)))
+        object.__setattr__(self, "in_axes", FrozenMapping(_checked_in_axes(self.in_axes)))
         if not self.targets and self.predicate is None:
             raise ValueError("LoraConfig.targets is empty: give at least one regex, e.g. jaxlora.ALL_KERNELS")
         for field in ("targets", "exclude", "modules_to_save"):
             _check_regexes(field, getattr(self, field))
-        for field in ("rank_pattern", "alpha_pattern", "fan_in_ndim", "stacked_axes", "layers_to_transform"):
+        for field in ("rank_pattern", "alpha_pattern", "fan_in_ndim", "in_axes", "stacked_axes", "layers_to_transform"):
             _check_regexes(field, tuple(getattr(self, field)))
         _check_rank("rank", self.rank)
         _check_alpha("alpha", self.alpha)
@@ -162,6 +167,7 @@ class LoraConfig:
         for field in ("rank_pattern", "alpha_pattern", "fan_in_ndim", "stacked_axes"):
             out[field] = dict(out[field])
         out["layers_to_transform"] = {k: list(v) for k, v in self.layers_to_transform.items()}
+        out["in_axes"] = {k: list(v) for k, v in self.in_axes.items()}
         return out
 
     @classmethod
@@ -203,6 +209,25 @@ def _first_match(patterns: Mapping[str, Any], path: str, default: Any) -> Any:
     return default
 
 
+def _checked_in_axes(patterns: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """`in_axes` with each value as a sorted tuple of distinct axis indices, or ValueError naming the pattern."""
+    out = {}
+    for pattern, axes in patterns.items():
+        axes = (axes,) if isinstance(axes, int) and not isinstance(axes, bool) else axes
+        if (
+            not isinstance(axes, list | tuple)
+            or not axes
+            or not all(isinstance(a, int) and not isinstance(a, bool) and a >= 0 for a in axes)
+            or len(set(axes)) != len(axes)
+        ):
+            raise ValueError(
+                f"LoraConfig.in_axes[{pattern!r}] must be distinct axis indices (ints >= 0) of one layer's kernel, "
+                f"e.g. (1,) or [0, 2]; got {axes!r}"
+            )
+        out[pattern] = tuple(sorted(axes))
+    return out
+
+
 def _check_rank(name: str, rank: Any) -> None:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise ValueError(f"LoraConfig.{name} must be a positive int, got {rank!r}")
@@ -216,7 +241,7 @@ def _check_alpha(name: str, alpha: Any) -> None:
 # The JSON-level type each serialisable field must have (checked before any conversion, so that bad input
 # from a file gets a ValueError naming the field instead of a TypeError from deep inside).
 _REGEX_LISTS = ("targets", "exclude", "modules_to_save")
-_MAPPINGS = ("rank_pattern", "alpha_pattern", "fan_in_ndim")
+_MAPPINGS = ("rank_pattern", "alpha_pattern", "fan_in_ndim", "in_axes")
 
 
 def _is_number(value: Any) -> bool:

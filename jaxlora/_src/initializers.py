@@ -43,7 +43,7 @@ def _pissa_pair(weight: jax.Array, leaf: LeafPlan) -> tuple[jax.Array, dict[str,
     Per layer for a stacked leaf; layers outside `layers_to_transform` keep W and get A = B = 0.
     """
     dtype = adapter_dtype(leaf.dtype)
-    w = jnp.asarray(weight, jnp.float32).reshape(leaf.num_layers, leaf.fan_in, leaf.fan_out)
+    w = jnp.asarray(leaf.to_matrix_order(weight), jnp.float32).reshape(leaf.num_layers, leaf.fan_in, leaf.fan_out)
 
     def split(w):
         u, s, vt = top_singular(w, leaf.rank)
@@ -55,7 +55,9 @@ def _pissa_pair(weight: jax.Array, leaf: LeafPlan) -> tuple[jax.Array, dict[str,
     if mask is not None:
         keep = jnp.asarray(mask.reshape(-1, 1, 1))
         a, b = a * keep, b * keep
-    residual = (w - leaf.scale * jnp.einsum("lir,lro->lio", a, b)).reshape(leaf.shape).astype(weight.dtype)
+    residual = w - leaf.scale * jnp.einsum("lir,lro->lio", a, b)
+    matrix_shape = (*leaf.stack_shape, *leaf.in_dims, *leaf.out_dims)
+    residual = leaf.from_matrix_order(residual.reshape(matrix_shape)).astype(weight.dtype)
     pair = {"lora_a": a.reshape(leaf.a_shape).astype(dtype), "lora_b": b.reshape(leaf.b_shape).astype(dtype)}
     return residual, pair
 

@@ -13,8 +13,7 @@ the `lora_dropout` rng stream.
 
 from __future__ import annotations
 
-import warnings
-import zlib
+import contextlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -23,12 +22,13 @@ import jax
 
 from jaxlora._src.builtin_layers import inside_adapter
 from jaxlora._src.config import LoraConfig
-from jaxlora._src.layer_kinds import Adapter, LayerCall, LayerKind, kind_of
-from jaxlora._src.merging import add_deltas, masked_b
+from jaxlora._src.layer_kinds import _BUILTIN, Adapter, LayerCall, LayerKind, kind_of, registered_layers, user_kind_of
+from jaxlora._src.model_trace import linen_call
 from jaxlora._src.paths import PyTree
 from jaxlora._src.planning import LeafPlan, Plan, resolve
+from jaxlora._src.serving import DROPOUT_RNG, dropout_rng, leaf_rng, serve_call
 
-DROPOUT_RNG = "lora_dropout"
+__all__ = ["DROPOUT_RNG", "apply", "apply_fn"]
 
 
 def _holds(module: nn.Module, param: str, shape: tuple[int, ...]) -> bool:
@@ -43,9 +43,11 @@ def _slot(param: str, name: str) -> str:
     return f"{param}:{name}"
 
 
-def intercepted(context: Any, args: tuple) -> tuple[LayerKind, str] | None:
+def intercepted(
+    context: Any, args: tuple, kinds: Callable[[Any], LayerKind | None] = kind_of
+) -> tuple[LayerKind, str] | None:
     """The registered kind and the path of W for an intercepted method call that a kind serves, else None."""
-    kind = None if inside_adapter.get() else kind_of(context.module)
+    kind = None if inside_adapter.get() else kinds(context.module)
     if kind is None or context.method_name not in kind.methods or not args:
         return None
     return kind, "/".join((*context.module.path, kind.param))
@@ -58,11 +60,13 @@ class _Interceptor:
     slices the module finds in its own params (see `_with_stacked_adapters`).
     """
 
-    def __init__(self, adapters: Mapping[str, Adapter], stacked: Mapping[str, LeafPlan], dropout: float, fast_dense):
+    def __init__(self, adapters: Mapping[str, Adapter], stacked: Mapping[str, LeafPlan], dropout: float, fast_dense,
+                 kinds: Callable[[Any], LayerKind | None] = kind_of):  # fmt: skip
         self.adapters = adapters
         self.stacked = stacked
         self.dropout = dropout
         self.fast_dense = fast_dense
+        self.kinds = kinds
         self.served: set[str] = set()
 
     def _layer_slice(self, module: nn.Module, param: str, path: str) -> Adapter | None:
@@ -82,7 +86,7 @@ class _Interceptor:
 
     def __call__(self, next_fun, args, kwargs, context):
         module, method = context.module, context.method_name
-        found = intercepted(context, args)
+        found = intercepted(context, args, self.kinds)
         if found is None:
             return next_fun(*args, **kwargs)
         kind, path = found
@@ -115,21 +119,6 @@ def unsupported_dora_message(path: str, module: nn.Module) -> str:
     )
 
 
-def _dropout_rng(kwargs: Mapping[str, Any]) -> jax.Array | None:
-    rngs = kwargs.get("rngs")
-    return rngs.get(DROPOUT_RNG) if isinstance(rngs, Mapping) else None
-
-
-def _leaf_rng(dropout_rng: jax.Array | None, leaf: LeafPlan) -> jax.Array | None:
-    """The dropout key of one adapted leaf: one key per stacked layer, shaped like the stack."""
-    if dropout_rng is None:
-        return None
-    key = jax.random.fold_in(dropout_rng, zlib.crc32(leaf.path.encode()))
-    if not leaf.stacked_axes:
-        return key
-    return jax.random.split(key, leaf.num_layers).reshape(leaf.stack_shape)
-
-
 def _with_stacked_adapters(params: PyTree, entries: Mapping[str, Any]) -> PyTree:
     """`params` (nested mappings) with extra leaves at the "/"-joined paths of `entries`, in new dicts."""
     out = dict(params)
@@ -145,17 +134,8 @@ def _with_stacked_adapters(params: PyTree, entries: Mapping[str, Any]) -> PyTree
     return out
 
 
-def _stacked_entries(flat: Mapping, plan: Plan, dropout_rng: jax.Array | None, paths) -> dict[str, Any]:
-    """The params entries carrying the stacked adapters at `paths`: A, B (masked to layers_to_transform), keys."""
-    entries = {}
-    for path in paths:
-        leaf = plan.leaves[path]
-        entries[_slot(path, "lora_a")] = flat[path]["lora_a"]
-        entries[_slot(path, "lora_b")] = masked_b(flat[path]["lora_b"], leaf)
-        rng = _leaf_rng(dropout_rng, leaf)
-        if rng is not None:
-            entries[_slot(path, "lora_rng")] = jax.random.key_data(rng)
-    return entries
+def _user_kinds_registered() -> bool:
+    return any(kind.module_type not in _BUILTIN for kind in registered_layers().values())
 
 
 def apply_fn(
@@ -163,15 +143,23 @@ def apply_fn(
 ) -> Callable[..., Any]:
     """A function `fn(variables, adapters, *args, **kwargs)` running `model` with the adapters applied factored.
 
+    The model's call is traced as it is (nothing intercepted, so flax's transforms and their caches see a plain
+    call), and each adapted kernel is served by the operation that consumes it: `jnp.einsum`, `lax.dot_general`,
+    `jnp.dot`, `@`, flax's Dense/DenseGeneral/Einsum, `lax.conv_general_dilated`, or an embedding lookup, inside
+    `nn.jit`, `nn.remat`, `nn.scan`, `nn.vmap`, `nn.share_scope` and `nnx.bridge` layers alike. A use of a kernel
+    that has no factored form (the kernel reshaped, masked or passed into a custom_vjp function first, ...) gets
+    W + s·A B for that use, with a warning naming the leaf and the cause; `strict=True` refuses instead.
+
     Every positional and keyword argument after `adapters` goes to `model.apply` unchanged (so a model keyword
     named like a jaxlora option reaches the model). LoRA dropout (`config.dropout`) acts when the call passes an
     rng for the `"lora_dropout"` stream: `fn(variables, adapters, x, rngs={"lora_dropout": key})`.
 
     Args:
       model: a flax.linen module.
-      plan: from `jaxlora.plan(params, config)` (a `LoraConfig` is resolved on each call).
-      strict: refuse adapters no registered layer kind serves, instead of merging them for the call.
-      fast_dense: route frozen `nn.Dense` layers through the same hand-written backward pass.
+      plan: from `jaxlora.plan(params, config)` (a `LoraConfig` is resolved on each call); build it with
+        `model=` and `example=` for kernels whose inputs are not their leading axes.
+      strict: refuse adapters that would have to be merged for some use, naming each leaf and its cause.
+      fast_dense: route frozen Dense-like products through the same hand-written backward pass.
 
     Returns:
       The function; it raises ValueError if the adapters or the plan do not fit `variables["params"]`.
@@ -195,45 +183,22 @@ def apply_fn(
         params = variables["params"]
         resolved = resolve(params, plan)
         flat = resolved.check_adapters(adapters)
-        dropout_rng, dropout = _dropout_rng(kwargs), resolved.config.dropout
-        stacked = {path: leaf for path, leaf in resolved.leaves.items() if leaf.stacked_axes}
-
-        def adapter(path: str) -> Adapter:
-            leaf, pair = resolved.leaves[path], flat[path]
-            rng = _leaf_rng(dropout_rng, leaf)
-            return Adapter(pair["lora_a"], pair["lora_b"], leaf, dropout, rng, pair.get("magnitude"))
-
-        def run_with(params, unstacked, stacked_paths):
-            entries = _stacked_entries(flat, resolved, dropout_rng, stacked_paths)
-            served_stacked = {p: stacked[p] for p in stacked_paths}
-            interceptor = _Interceptor(unstacked, served_stacked, dropout, fast_dense)
-            with nn.intercept_methods(interceptor):
-                out = model.apply({**variables, "params": _with_stacked_adapters(params, entries)}, *args, **kwargs)
-            return out, interceptor.served
-
-        adapters_by_path = {path: adapter(path) for path in flat if path not in stacked}
-        out, served = run_with(params, adapters_by_path, list(stacked))
-        unserved = sorted(set(flat) - served)
-        if not unserved:
-            return out
-        message = (
-            f"adapters for {unserved} are not consumed by a layer jaxlora can serve factored (a module type "
-            "without a registered layer kind, a kernel stacked by nn.scan, DenseGeneral batch_dims, a grouped "
-            "conv, or a fan_in_ndim that does not match the layer's contraction)"
-        )
-        if strict:
-            raise ValueError(
-                message + "; register the module type with jaxlora.register_layer(ModuleType, ...), fix "
-                "`fan_in_ndim`/`targets`, or merge explicitly with jaxlora.merge"
-            )
-        warnings.warn(
-            message + "; merging them into their weights for this call (register the module type with "
-            "jaxlora.register_layer to serve it factored)",
-            stacklevel=3,
-        )
-        merged = add_deltas(params, {p: flat[p] for p in unserved}, resolved.leaves)
-        still = {p: a for p, a in adapters_by_path.items() if p not in unserved}
-        return run_with(merged, still, [p for p in stacked if p not in unserved])[0]
+        context, served = contextlib.nullcontext, set
+        key = dropout_rng(kwargs)
+        if _user_kinds_registered():  # modules of user-registered kinds are served by their kind while traced
+            dropout = resolved.config.dropout
+            unstacked = {
+                path: Adapter(pair["lora_a"], pair["lora_b"], resolved.leaves[path], dropout,
+                              leaf_rng(key, resolved.leaves[path]), pair.get("magnitude"))
+                for path, pair in flat.items() if not resolved.leaves[path].stacked_axes
+            }  # fmt: skip
+            interceptor = _Interceptor(unstacked, {}, dropout, fast_dense=False, kinds=user_kind_of)
+            context, served = (lambda: nn.intercept_methods(interceptor)), (lambda: interceptor.served)
+        call = linen_call(model, variables)
+        return serve_call(
+            call, params, args, kwargs, resolved, flat, key=key, strict=strict, fast=fast_dense, context=context,
+            served_by_kinds=served,
+        )  # fmt: skip
 
     return run
 

@@ -208,6 +208,20 @@ def registered_layers() -> dict[type, LayerKind]:
     return dict(_REGISTRY)
 
 
+_BUILTIN: set[type] = set()
+
+
+def mark_builtin(*module_types: type) -> None:
+    """Marks kinds that jaxlora registers itself: `jaxlora.apply` serves those modules by their operations."""
+    _BUILTIN.update(module_types)
+
+
+def user_kind_of(module: Any) -> LayerKind | None:
+    """The kind serving `module` if a user registered it (jaxlora's own kinds are served by their operations)."""
+    kind = kind_of(module)
+    return None if kind is None or kind.module_type in _BUILTIN else kind
+
+
 def kind_of(module: Any) -> LayerKind | None:
     """The kind serving `module`: its own class's, else the nearest registered base class's.
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxlora._src.config import LoraConfig
@@ -67,13 +68,24 @@ def _scaled_product(a: jax.Array, b: jax.Array, scale: float | jax.Array, stacke
     return (scale * jax.vmap(_matrix_product)(a, b)).reshape(shape)
 
 
-@functools.partial(jax.jit, static_argnames=("dtype", "stacked_axes"))
+@functools.partial(jax.jit, static_argnames=("dtype", "stacked_axes", "order"))
 def _added(
-    weight: jax.Array, a: jax.Array, b: jax.Array, scale: float, dtype: Any, stacked_axes: int = 0
+    weight: jax.Array,
+    a: jax.Array,
+    b: jax.Array,
+    scale: float,
+    dtype: Any,
+    stacked_axes: int = 0,
+    order: tuple[int, ...] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """`W + scale·A B` cast to `dtype`, and whether it is all finite: one compiled pass, also when called eagerly
-    (compiled once per shape and dtype; the scale is an argument, so rank and alpha patterns add no compiles)."""
-    out = jnp.asarray(weight, jnp.float32) + _scaled_product(a, b, jnp.float32(scale), stacked_axes)
+    (compiled once per shape and dtype; the scale is an argument, so rank and alpha patterns add no compiles).
+
+    `order` is the leaf's `matrix_order`: A B comes out in (stack, in, out) order and is put back in W's."""
+    delta = _scaled_product(a, b, jnp.float32(scale), stacked_axes)
+    if order is not None:
+        delta = jnp.transpose(delta, tuple(int(i) for i in np.argsort(order)))
+    out = jnp.asarray(weight, jnp.float32) + delta
     return out.astype(dtype), jnp.isfinite(out).all()
 
 
@@ -124,7 +136,7 @@ def add_deltas(
                 _check_finite(path, finite)
             return out
         a, b = pairs[path]["lora_a"], masked_b(pairs[path]["lora_b"], leaf)
-        out, finite = _added(weight, a, b, sign * leaf.scale, leaf.dtype, leaf.stacked_axes)
+        out, finite = _added(weight, a, b, sign * leaf.scale, leaf.dtype, leaf.stacked_axes, leaf.matrix_order)
         if check_finite:
             _check_finite(path, finite)
         return out

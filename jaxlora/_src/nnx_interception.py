@@ -1,47 +1,35 @@
 """Running a flax.nnx module with adapters applied factored: `x W + s·(x A) B`, W + s·A B never formed.
 
-`apply_nnx` works on a private copy of the module (`nnx.merge(*nnx.split(module))`), never on the user's module.
-In the copy, every layer whose type has a registered kind and whose W has an adapter is switched to a subclass
-whose methods route through that kind. Unstacked adapters are looked up by the layer object; stacked ones
-(`stacked_axes`) are attached to the stacked layer as `nnx.Param` variables (`kernel_lora_a`, `kernel_lora_b`,
-`kernel_lora_rng`), so that `nnx.scan` hands each layer its own slice exactly as it slices the kernel.
+`apply_nnx` traces a call of a fresh copy of the module (never the user's module) and serves each adapted kernel by
+the operation that consumes it (see `serving`), inside `nnx.jit`, `nnx.remat`, `nnx.scan`, `nnx.vmap` and
+`nnx.bridge` layers alike. Layers of a type a user registered with `register_layer` are switched, in that copy, to
+a subclass whose methods route through the kind.
 """
 
 from __future__ import annotations
 
 import contextvars
-import dataclasses
 import functools
-import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from jaxlora._src.adapter_module import AdapterModule
 from jaxlora._src.config import LoraConfig
-from jaxlora._src.interception import _dropout_rng, _leaf_rng
-from jaxlora._src.layer_kinds import Adapter, LayerCall, LayerKind, kind_of
-from jaxlora._src.merging import add_deltas, masked_b
+from jaxlora._src.layer_kinds import _BUILTIN, Adapter, LayerCall, LayerKind, registered_layers, user_kind_of
+from jaxlora._src.model_trace import nnx_call
 from jaxlora._src.planning import Plan, resolve
-
-
-class LoraVariable(nnx.Param):
-    """An adapter factor attached to a stacked layer of jaxlora's private copy (sliced by nnx.scan like W)."""
+from jaxlora._src.serving import dropout_rng, leaf_rng, serve_call
 
 
 class _Call:
-    """What the served layers of one `apply_nnx` call share: unstacked adapters by layer, and the paths served.
+    """The adapters of the user-registered layers of one call, by layer object, and the paths their kinds served."""
 
-    Stacked adapters count as served once attached to a layer whose kind fits them (their slices are served inside
-    nnx.scan, whose trace may be reused from an earlier call, so they cannot report themselves).
-    """
-
-    def __init__(self, adapters: Mapping[int, Adapter], stacked_paths: set[str]):
+    def __init__(self, adapters: Mapping[int, Adapter]):
         self.adapters = adapters
-        self.served: set[str] = set(stacked_paths)
+        self.served: set[str] = set()
 
 
 _current: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("jaxlora_nnx_call", default=None)
@@ -51,47 +39,24 @@ def _param_shape(module: Any, kind: LayerKind) -> tuple[int, ...]:
     return tuple(getattr(module, kind.param)[...].shape)
 
 
-def _attached(module: Any, kind: LayerKind) -> Adapter | None:
-    """The stacked adapter slice attached to `module` (a layer inside nnx.scan), if it is one layer's slice.
-
-    Everything that may change from call to call (A, s·B, dropout keys and rate) comes from the layer's state, and
-    the leaf plan kept on the layer has scale 1: transforms such as nnx.scan may reuse a trace made in an earlier
-    call, and that trace must not hold an earlier call's values.
-    """
-    leaf = getattr(module, "jaxlora_leaf", None)
-    if leaf is None:
-        return None
-    a, b = getattr(module, f"{kind.param}_lora_a")[...], getattr(module, f"{kind.param}_lora_b")[...]
-    k = leaf.stacked_axes
-    if a.shape != leaf.a_shape[k:] or b.shape != leaf.b_shape[k:] or _param_shape(module, kind) != leaf.layer_shape:
-        return None  # the whole stack, not one layer of it: left to the layer itself
-    rng_data = getattr(module, f"{kind.param}_lora_rng", None)
-    if rng_data is None:
-        return Adapter(a, b, leaf)
-    rate = getattr(module, f"{kind.param}_lora_dropout")[...]
-    return Adapter(a, b, leaf, rate, jax.random.wrap_key_data(rng_data[...]))
-
-
 def _serve(module: Any, method: str, original: Callable, args: tuple, kwargs: dict) -> Any:
-    """One method call of a served layer: through its kind when it has an adapter here, else the layer itself."""
+    """One method call of a user-registered layer: through its kind when it has an adapter here, else as it is."""
     call = _current.get()
-    kind = kind_of(module)
+    kind = user_kind_of(module)
     base = functools.partial(original, module, *args, **kwargs)
     if call is None or kind is None or not args:
         return base()
     adapter = call.adapters.get(id(module))
-    if adapter is not None and _param_shape(module, kind) != adapter.leaf.shape:
-        adapter = None
-    if adapter is None:
-        adapter = _attached(module, kind)
-    if adapter is None or (kind.contraction is not None and kind.contraction(module) != adapter.leaf.fan_in_ndim):
+    if adapter is None or _param_shape(module, kind) != adapter.leaf.shape:
+        return base()
+    if kind.contraction is not None and kind.contraction(module) != adapter.leaf.fan_in_ndim:
         return base()
     if adapter.magnitude is not None and not kind.supports_dora:
         layer_type = getattr(module, "jaxlora_layer_type", type(module))
         raise ValueError(
-            f"DoRA (use_dora=True) is not supported yet for {layer_type.__qualname__} layers (at "
-            f"{adapter.leaf.path!r}); jaxlora serves DoRA for nnx.Linear and linen nn.Dense: exclude this layer from "
-            "the targets (LoraConfig.exclude) or use plain LoRA for it"
+            f"DoRA (use_dora=True) is not supported for {layer_type.__qualname__} layers (at {adapter.leaf.path!r}), "
+            "whose registered kind does not declare supports_dora: exclude this layer from the targets "
+            "(LoraConfig.exclude) or use plain LoRA for it"
         )
     out = kind.serve(LayerCall(module, method, args, kwargs, adapter, base))
     if out is None:
@@ -125,46 +90,37 @@ def _submodule(root: Any, module_path: str) -> Any:
     return node
 
 
-def _attach(copy: Any, flat: Mapping, plan: Plan, dropout_rng: jax.Array | None) -> _Call:
-    """Switches the adapted layers of `copy` to their served types and gives them their adapters."""
-    adapters, stacked = {}, set()
+def _attach(copy: Any, flat: Mapping, plan: Plan, key: jax.Array | None) -> _Call:
+    """Switches the layers of `copy` with a user-registered kind and an (unstacked) adapter to their served types."""
+    adapters = {}
     for path, pair in flat.items():
         leaf = plan.leaves[path]
         module_path, _, param = path.rpartition("/")
         layer = _submodule(copy, module_path)
-        kind = kind_of(layer)
-        if kind is None or kind.param != param:
-            continue  # no kind serves this leaf: the merge fallback takes it
+        kind = user_kind_of(layer)
+        if kind is None or kind.param != param or leaf.stacked_axes:
+            continue  # served by its operations
         layer.__class__ = _served_type(getattr(layer, "jaxlora_layer_type", type(layer)), kind.methods)
-        rng = _leaf_rng(dropout_rng, leaf)
-        if not leaf.stacked_axes:
-            magnitude = pair.get("magnitude")  # DoRA
-            adapters[id(layer)] = Adapter(pair["lora_a"], pair["lora_b"], leaf, plan.config.dropout, rng, magnitude)
-            continue
-        fits = kind.contraction is None or kind.contraction(layer) == leaf.fan_in_ndim
-        if not fits or _param_shape(layer, kind) != leaf.shape:
-            continue  # the merge fallback takes it
-        stacked.add(path)
-        layer.jaxlora_leaf = dataclasses.replace(leaf, scale=1.0, alpha=1.0, layers=None)  # static: no values
-        setattr(layer, f"{param}_lora_a", LoraVariable(pair["lora_a"]))
-        setattr(layer, f"{param}_lora_b", LoraVariable(leaf.scale * masked_b(pair["lora_b"], leaf)))
-        if rng is not None:
-            setattr(layer, f"{param}_lora_rng", LoraVariable(jax.random.key_data(rng)))
-            rate = jnp.full(leaf.stack_shape, plan.config.dropout, jnp.float32)
-            setattr(layer, f"{param}_lora_dropout", LoraVariable(rate))
-    return _Call(adapters, stacked)
+        rng = leaf_rng(key, leaf)
+        adapters[id(layer)] = Adapter(
+            pair["lora_a"], pair["lora_b"], leaf, plan.config.dropout, rng, pair.get("magnitude")
+        )
+    return _Call(adapters)
 
 
 def apply_nnx_fn(plan: Plan | LoraConfig, *, strict: bool = False) -> Callable[..., Any]:
     """A function `fn(module, adapters, *args, **kwargs)` calling an nnx module with the adapters applied factored.
 
-    The plan is built on the module's params, `nnx.state(module, nnx.Param)`. The module itself is never
-    modified: the call runs on a private copy. LoRA dropout acts when the call passes
+    The plan is built on the module's params, `nnx.state(module, nnx.Param)` (with `model=module, example=...` for
+    kernels whose inputs are not their leading axes). The module itself is never modified: the call runs on a
+    fresh copy, whose state changes are dropped. Each adapted kernel is served by the operation that consumes it,
+    inside any nnx transform; a use with no factored form gets W + s·A B for that use, with a warning naming the
+    leaf and the cause (`strict=True` refuses instead). LoRA dropout acts when the call passes
     `rngs={"lora_dropout": key}` (that keyword is taken by jaxlora; every other one reaches the module).
 
     Args:
       plan: from `jaxlora.plan(nnx.state(module, nnx.Param), config)` (a `LoraConfig` is resolved each call).
-      strict: refuse adapters no registered layer kind serves, instead of merging them for the call.
+      strict: refuse adapters that would have to be merged for some use, naming each leaf and its cause.
 
     Returns:
       The function; it raises ValueError if the adapters or the plan do not fit the module's params.
@@ -182,42 +138,34 @@ def apply_nnx_fn(plan: Plan | LoraConfig, *, strict: bool = False) -> Callable[.
     def run(module: nnx.Module, adapters: Mapping | AdapterModule, *args: Any, **kwargs: Any) -> Any:
         if isinstance(adapters, AdapterModule):
             adapters = adapters.tree()
-        params = nnx.state(module, nnx.Param)
+        call, params = nnx_call(module)
         resolved = resolve(params, plan)
         flat = resolved.check_adapters(adapters)
         rngs = kwargs.get("rngs")
-        dropout_rng = _dropout_rng(kwargs)
+        key = dropout_rng(kwargs)
         if isinstance(rngs, Mapping) and set(rngs) == {"lora_dropout"}:
             kwargs = {k: v for k, v in kwargs.items() if k != "rngs"}
-        out, served = _call(module, None, flat, resolved, dropout_rng, args, kwargs)
-        unserved = sorted(set(flat) - served)
-        if not unserved:
-            return out
-        message = (
-            f"adapters for {unserved} are not consumed by an nnx layer jaxlora can serve factored (a layer type "
-            "without a registered kind, a scanned kernel not declared in stacked_axes, a layer rebuilt by a "
-            "transform inside the model, or a fan_in_ndim that does not match the layer's contraction)"
+        state = _Call({})
+        if any(kind.module_type not in _BUILTIN for kind in registered_layers().values()):
+
+            def call(params, *args, **kwargs):  # the copy's user-registered layers route through their kinds
+                return _call_with_kinds(module, params, flat, resolved, key, state, args, kwargs)
+
+        return serve_call(
+            call, params, args, kwargs, resolved, flat, key=key, strict=strict, served_by_kinds=lambda: state.served
         )
-        if strict:
-            raise ValueError(message + "; register the layer type with jaxlora.register_layer, or fix the config")
-        warnings.warn(message + "; merging them into their weights for this call", stacklevel=2)
-        merged = add_deltas(params, {p: flat[p] for p in unserved}, resolved.leaves)
-        still = {p: pair for p, pair in flat.items() if p not in unserved}
-        return _call(module, merged, still, resolved, dropout_rng, args, kwargs)[0]
 
     return run
 
 
-def _call(module, merged_params, flat, plan, dropout_rng, args, kwargs) -> tuple[Any, set[str]]:
-    """Calls a private copy of `module` (with `merged_params` put in, if given) serving the adapters in `flat`."""
-    graphdef, state = nnx.split(module)
-    copy = nnx.merge(graphdef, jax.tree.map(lambda x: x, state))  # new Variables: the module's are never touched
-    if merged_params is not None:
-        nnx.update(copy, merged_params)
-    state = _attach(copy, flat, plan, dropout_rng)
+def _call_with_kinds(module, params, flat, plan, key, state: _Call, args, kwargs) -> Any:
+    graphdef, _, rest = nnx.split(module, nnx.Param, ...)
+    copy = nnx.merge(graphdef, params, rest)
+    attached = _attach(copy, flat, plan, key)
+    state.adapters = attached.adapters
     token = _current.set(state)
     try:
-        return copy(*args, **kwargs), state.served
+        return copy(*args, **kwargs)
     finally:
         _current.reset(token)
 
@@ -228,8 +176,7 @@ def apply_nnx(module: nnx.Module, adapters: Mapping, plan: Plan | LoraConfig, *a
     The same as `apply_nnx_fn(plan)(module, adapters, *args, **kwargs)`.
 
     Args:
-      module: an nnx module (Linear, LinearGeneral, Einsum, Conv and Embed layers are served factored, stacked
-        ones inside `nnx.scan` too).
+      module: an nnx module, whatever layers and transforms it uses (see `apply_nnx_fn`).
       adapters: from `jaxlora.init(key, nnx.state(module, nnx.Param), plan)` (or trained), or a
         `jaxlora.AdapterModule` holding them (for `nnx.Optimizer`).
       plan: from `jaxlora.plan(nnx.state(module, nnx.Param), config)`.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -59,27 +59,65 @@ class LeafPlan:
         return self.num_layers if self.layers is None else len(self.layers)
 
     use_dora: bool = False
+    # The axes of one layer's W that contract with x (in W's order), when they are not its leading `fan_in_ndim`
+    # axes: read from the operation by `plan(..., model=...)`, e.g. (1,) for a (heads, features, head_dim) kernel.
+    in_axes: tuple[int, ...] | None = None
+
+    @property
+    def layer_in_axes(self) -> tuple[int, ...]:
+        """The axes of one layer's W that A contracts with x (A holds them in this order, then r)."""
+        return self.in_axes if self.in_axes is not None else tuple(range(self.fan_in_ndim))
+
+    @property
+    def layer_out_axes(self) -> tuple[int, ...]:
+        """The other axes of one layer's W, which B maps r to (in this order)."""
+        return tuple(d for d in range(len(self.layer_shape)) if d not in self.layer_in_axes)
+
+    @property
+    def matrix_order(self) -> tuple[int, ...] | None:
+        """The permutation of W's axes into (stack, in, out) order, or None when W is in that order already."""
+        k = self.stacked_axes
+        order = (*range(k), *(k + d for d in self.layer_in_axes), *(k + d for d in self.layer_out_axes))
+        return None if order == tuple(range(len(self.shape))) else order
+
+    def to_matrix_order(self, w: Any) -> Any:
+        """W with its axes in (stack, in, out) order, the order A B's product has."""
+        order = self.matrix_order
+        return w if order is None else jnp.transpose(w, order)
+
+    def from_matrix_order(self, w: Any) -> Any:
+        """The inverse of `to_matrix_order`: a (stack, in, out)-ordered array back in W's own axis order."""
+        order = self.matrix_order
+        return w if order is None else jnp.transpose(w, np.argsort(order))
 
     @property
     def fan_in(self) -> int:
-        return math.prod(self.layer_shape[: self.fan_in_ndim])
+        return math.prod(self.layer_shape[d] for d in self.layer_in_axes)
 
     @property
     def fan_out(self) -> int:
-        return math.prod(self.layer_shape[self.fan_in_ndim :])
+        return math.prod(self.layer_shape[d] for d in self.layer_out_axes)
+
+    @property
+    def in_dims(self) -> tuple[int, ...]:
+        return tuple(self.layer_shape[d] for d in self.layer_in_axes)
+
+    @property
+    def out_dims(self) -> tuple[int, ...]:
+        return tuple(self.layer_shape[d] for d in self.layer_out_axes)
 
     @property
     def a_shape(self) -> tuple[int, ...]:
-        return (*self.stack_shape, *self.layer_shape[: self.fan_in_ndim], self.rank)
+        return (*self.stack_shape, *self.in_dims, self.rank)
 
     @property
     def b_shape(self) -> tuple[int, ...]:
-        return (*self.stack_shape, self.rank, *self.layer_shape[self.fan_in_ndim :])
+        return (*self.stack_shape, self.rank, *self.out_dims)
 
     @property
     def magnitude_shape(self) -> tuple[int, ...]:
         """DoRA's magnitude vector: one entry per output column of W (per layer when stacked)."""
-        return (*self.stack_shape, *self.layer_shape[self.fan_in_ndim :])
+        return (*self.stack_shape, *self.out_dims)
 
     @property
     def num_lora_params(self) -> int:
@@ -251,14 +289,33 @@ def _unmatched(patterns: tuple[str, ...] | Mapping[str, Any], paths: list[str]) 
     return [p for p in patterns if not any(re.fullmatch(p, path) for path in paths)]
 
 
-def plan(params: PyTree, config: LoraConfig, *, allow_excess_rank: bool = False) -> Plan:
+def plan(
+    params: PyTree,
+    config: LoraConfig,
+    *,
+    allow_excess_rank: bool = False,
+    model: Any = None,
+    example: Any = (),
+    example_kwargs: Mapping[str, Any] | None = None,
+) -> Plan:
     """Resolves `config` against `params` (arrays or `jax.ShapeDtypeStruct`s); never allocates.
+
+    With `model`, the model's call on `example` is traced once (abstractly: `jax.ShapeDtypeStruct`s will do) and
+    each targeted kernel's layout is read from the operations that use it: which of its axes contract with x
+    (`in_axes`, so that a (heads, features, head_dim) einsum kernel gets standard LoRA) and how many leading axes
+    stack layers (`stacked_axes`, for kernels sliced by `nn.scan` / `nnx.scan` or mapped by vmap). What the config
+    sets explicitly (`fan_in_ndim`, `in_axes`, `stacked_axes`) is kept and checked against the operations; the
+    plan's config spells out what was read, so that checkpoints restore the same plan without the model.
 
     Args:
       params: the base parameter tree (linen `params` dict, NNX state, or its `jax.eval_shape`).
       config: what to adapt.
       allow_excess_rank: warn instead of refusing a rank above min(fan_in, fan_out) (which PEFT allows);
         the loaders use it for adapters that exist already. Never with init="pissa".
+      model: a flax.linen module (called as `model.apply({"params": params}, *example)`), an nnx module (the plan's
+        params are `nnx.state(model, nnx.Param)`), or any function `model(params, *example, **example_kwargs)`.
+      example: the positional arguments of one call (a tuple, or a single array).
+      example_kwargs: its keyword arguments.
 
     Returns:
       The `Plan`: hold it and pass it to the other jaxlora functions; `print(plan)` shows the table.
@@ -300,7 +357,7 @@ def plan(params: PyTree, config: LoraConfig, *, allow_excess_rank: bool = False)
         targeted = [p for p in targeted if config.predicate(p, leaves[p])]
     if not targeted:
         raise ValueError("LoraConfig selects no leaf: every target is excluded or refused by the predicate")
-    for field in ("rank_pattern", "alpha_pattern", "fan_in_ndim", "stacked_axes", "layers_to_transform"):
+    for field in ("rank_pattern", "alpha_pattern", "fan_in_ndim", "in_axes", "stacked_axes", "layers_to_transform"):
         bad = _unmatched(getattr(config, field), targeted)
         if bad:
             raise ValueError(_no_match_message(field, bad, targeted))
@@ -313,6 +370,8 @@ def plan(params: PyTree, config: LoraConfig, *, allow_excess_rank: bool = False)
             "narrow `targets` or add them to `exclude`"
         )
 
+    if model is not None:
+        config = with_layouts(params, config, {p: shapes[p] for p in targeted}, model, example, example_kwargs or {})
     planned = {path: _leaf_plan(path, shapes[path], dtypes[path], config, allow_excess_rank) for path in targeted}
     return Plan(
         config=config,
@@ -322,6 +381,95 @@ def plan(params: PyTree, config: LoraConfig, *, allow_excess_rank: bool = False)
         dtypes=FrozenMapping(dtypes),
         treedef=jax.tree.structure(params, is_leaf=is_array_leaf),
     )
+
+
+def _model_call(model: Any, params: PyTree) -> Callable[..., Any]:
+    import flax.linen as nn
+    from flax import nnx
+
+    from jaxlora._src.model_trace import linen_call, nnx_call
+
+    if isinstance(model, nn.Module):
+        return linen_call(model, {"params": params})
+    if isinstance(model, nnx.Module):
+        return nnx_call(model)[0]
+    if callable(model):
+        return model
+    raise TypeError(
+        f"plan(model=...) takes a flax.linen or nnx module, or a function model(params, *example); got {model!r}"
+    )
+
+
+def with_layouts(
+    params: PyTree,
+    config: LoraConfig,
+    targeted: Mapping[str, tuple[int, ...]],
+    model: Any,
+    example: Any,
+    example_kwargs: Mapping,
+) -> LoraConfig:
+    """`config` with the in_axes and stacked_axes of the targeted kernels read from `model`'s call on `example`."""
+    from jaxlora._src.layouts import usages
+    from jaxlora._src.model_trace import trace
+
+    example = example if isinstance(example, tuple) else (example,)
+    traced = trace(_model_call(model, params), params, example, example_kwargs)
+    found = usages(traced.jaxpr, traced.paths)
+    unused = [p for p in targeted if p not in found]
+    if unused:
+        raise ValueError(
+            f"LoRA targets {unused} are not used by the model's call on the example given to jaxlora.plan: an adapter "
+            "there would never act; narrow `targets` (or add them to `exclude`), or pass an example (and, for linen, "
+            "a model whose call reaches them) that uses them"
+        )
+    in_axes, stacked = {}, {}
+    for path, shape in targeted.items():
+        layout = _layout(path, shape, found[path], config)
+        if layout is None:
+            continue
+        axes, stack = layout
+        exact = re.escape(path)
+        if stack and _first_match(config.stacked_axes, path, None) is None:
+            stacked[exact] = stack
+        explicit = _first_match(config.fan_in_ndim, path, None) is not None or _first_match(config.in_axes, path, None)
+        if not explicit and axes != tuple(range(len(shape) - stack - 1)):
+            in_axes[exact] = axes
+    if not in_axes and not stacked:
+        return config
+    return dataclasses.replace(
+        config, in_axes={**in_axes, **config.in_axes}, stacked_axes={**stacked, **config.stacked_axes}
+    )
+
+
+def _layout(path: str, shape: tuple[int, ...], uses: list, config: LoraConfig) -> tuple[tuple[int, ...], int] | None:
+    """(in_axes, stacked axes) of one kernel from its usages, None if no usage has a factored form (apply names why)."""
+    good = [u for u in uses if u.contracted is not None]
+    if not good:
+        return None
+    stacks = sorted({u.stacked for u in good})
+    if len(stacks) > 1:
+        raise ValueError(
+            f"the kernel {path!r} {shape} is used with {stacks} stacked layer axes by different operations "
+            f"({', '.join(u.op for u in good)}); one adapter layout cannot serve both: exclude it from the targets"
+        )
+    stack = stacks[0]
+    declared = _first_match(config.stacked_axes, path, None)
+    if declared is not None and declared != stack:
+        raise ValueError(
+            f"stacked_axes gives {declared} for {path!r} {shape}, but the model's operations see {stack} stacked layer "
+            f"axes before one layer's kernel (sliced by nn.scan/nnx.scan or mapped by vmap): set stacked_axes to "
+            f"{stack} for it, or leave it out and let plan read it"
+        )
+    gathers = [u for u in good if u.op == "gather"]
+    axes = gathers[0].contracted if gathers else good[0].contracted
+    other = tuple(d for d in range(len(shape) - stack) if d not in axes)
+    clash = [u for u in good if u.contracted not in (axes, other)]
+    if clash:
+        raise ValueError(
+            f"the kernel {path!r} {shape} is contracted with x over axes {axes} by {good[0].op} and over "
+            f"{clash[0].contracted} by {clash[0].op}; one adapter layout cannot serve both: exclude it from the targets"
+        )
+    return axes, stack
 
 
 def _leaf_plan(
@@ -342,6 +490,16 @@ def _leaf_plan(
             f"{max(len(shape) - stacked, 0)} axes per layer; a layer's W needs an input and an output axis: {fix}"
         )
     fan_in_ndim = _first_match(config.fan_in_ndim, path, len(shape) - stacked - 1)
+    in_axes = _first_match(config.in_axes, path, None)
+    if in_axes is not None:
+        layer_ndim = len(shape) - stacked
+        if in_axes[-1] >= layer_ndim or len(in_axes) >= layer_ndim:
+            raise ValueError(
+                f"in_axes={in_axes} for {path!r} of shape {shape} (stacked_axes={stacked}): one layer's kernel has "
+                f"axes 0..{layer_ndim - 1}, and at least one of them must be left as an output axis; fix in_axes"
+            )
+        fan_in_ndim = len(in_axes)
+        in_axes = None if in_axes == tuple(range(fan_in_ndim)) else in_axes
     if fan_in_ndim >= len(shape) - stacked:
         raise ValueError(
             f"fan_in_ndim={fan_in_ndim} for {path!r} of shape {shape} (stacked_axes={stacked}) leaves no output "
@@ -358,6 +516,7 @@ def _leaf_plan(
         stacked_axes=stacked,
         layers=_first_match(config.layers_to_transform, path, None),
         use_dora=config.use_dora,
+        in_axes=in_axes,
     )
     if entry.use_dora and stacked:
         raise ValueError(

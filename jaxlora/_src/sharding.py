@@ -50,10 +50,12 @@ def adapter_specs(*args: Any) -> dict:
         spec = specs.get(path)
         spec = tuple(spec) if spec is not None else ()
         spec = spec + (None,) * (len(leaf.shape) - len(spec))
-        stack, k = leaf.stacked_axes, leaf.stacked_axes + leaf.fan_in_ndim
+        stack = leaf.stacked_axes
+        ins = [spec[stack + d] for d in leaf.layer_in_axes]
+        outs = [spec[stack + d] for d in leaf.layer_out_axes]
         out[path] = {
-            "lora_a": PartitionSpec(*spec[:k], None),
-            "lora_b": PartitionSpec(*spec[:stack], None, *spec[k:]),
+            "lora_a": PartitionSpec(*spec[:stack], *ins, None),
+            "lora_b": PartitionSpec(*spec[:stack], None, *outs),
         }
     return unflatten_adapters(out)
 

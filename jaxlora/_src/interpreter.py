@@ -1,0 +1,256 @@
+"""Running a traced model with its tagged kernels served by the operations that consume them.
+
+`run` evaluates a jaxpr equation by equation, as `jax.core.eval_jaxpr` does, with one difference: values that are
+(views of) adapted or served kernels carry an `Operand` tag. A tag passes through dtype conversions, copies,
+sharding constraints and checkpoint names; nested jits are run inline; `lax.scan` is run again with the stacked
+adapters scanned alongside the kernels they belong to; rematerialised blocks are run again under `jax.checkpoint`
+with the same policy. The operations a provider serves (`dot_general`, `conv_general_dilated`, `gather`) compute
+the factored layer. Any other use of a tagged kernel gets the merged kernel W + s·A B for that use alone, and the
+`Record` says why, so that the caller can warn or, under `strict=True`, refuse, naming the leaf and the cause.
+
+Because the model is traced without jaxlora in the way (nothing intercepted, nothing patched), whatever flax
+transform it uses (`nn.jit` and its trace cache, `nn.remat`, `nn.scan`, `nn.vmap`, `nnx.bridge`, ...) has already
+been lowered to these primitives, and a plain call of the same model is never affected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.extend import core as jex_core
+
+from jaxlora._src.dora import merged_weight
+from jaxlora._src.operands import Operand
+from jaxlora._src.providers import Refusal, bind, serve_conv, serve_dot_general, serve_gather
+from jaxlora._src.quantization import dequantize
+
+# Primitives that hand the kernel on unchanged but for its dtype or placement: the tag follows the value.
+_PASSTHROUGH = {
+    "convert_element_type",
+    "copy",
+    "copy_p",
+    "sharding_constraint",
+    "name",
+    "pvary",
+    "device_put",
+    "optimization_barrier",
+    "reduce_precision",
+}
+_INLINE = {"jit", "pjit", "closed_call", "core_call", "custom_lin"}
+
+
+@dataclasses.dataclass
+class Record:
+    """What one run did with each adapted leaf: how often it was served, and each cause of a merged use."""
+
+    served: dict[str, int] = dataclasses.field(default_factory=dict)
+    merged: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+
+    def serve(self, path: str) -> None:
+        self.served[path] = self.served.get(path, 0) + 1
+
+    def merge(self, path: str, cause: str) -> None:
+        causes = self.merged.setdefault(path, [])
+        if cause not in causes:
+            causes.append(cause)
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    fast: bool = True  # frozen (x, W) Dense-like products through `lora_linear`'s backward pass
+
+
+def run(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], tags: Sequence[Operand | None], record: Record,
+        options: Options) -> tuple[list[Any], list[Operand | None]]:  # fmt: skip
+    """Evaluates `jaxpr` on `args` (tagged by `tags`), serving the tagged kernels; returns the outputs and tags."""
+    env: dict[Any, Any] = {}
+    tag_env: dict[Any, Operand] = {}
+
+    def read(v):
+        return v.val if isinstance(v, jex_core.Literal) else env[v]
+
+    def tag_of(v):
+        return None if isinstance(v, jex_core.Literal) else tag_env.get(v)
+
+    for v, value in zip(jaxpr.constvars, consts, strict=True):
+        env[v] = value
+    for v, value, tag in zip(jaxpr.invars, args, tags, strict=True):
+        env[v] = value
+        if tag is not None:
+            tag_env[v] = tag
+    for eqn in jaxpr.eqns:
+        values = [read(v) for v in eqn.invars]
+        in_tags = [tag_of(v) for v in eqn.invars]
+        if any(t is not None for t in in_tags):
+            outs, out_tags = _tagged(eqn, values, in_tags, record, options)
+        else:
+            outs = bind(eqn, *values)
+            outs, out_tags = (outs if eqn.primitive.multiple_results else [outs]), None
+        for i, (v, value) in enumerate(zip(eqn.outvars, outs, strict=True)):
+            env[v] = value
+            if out_tags is not None and out_tags[i] is not None:
+                tag_env[v] = out_tags[i]
+    return [read(v) for v in jaxpr.outvars], [tag_of(v) for v in jaxpr.outvars]
+
+
+def materialized(value: Any, tag: Operand) -> Any:
+    """The kernel this tagged value stands for as a plain array: merged with its adapter, decoded if quantized."""
+    if tag.quantized is not None:
+        value = dequantize(tag.quantized)
+        value = value.astype(tag.dtype) if tag.dtype is not None else value
+        value = value if tag.perm is None else jnp.transpose(value, tag.perm)
+    if not tag.adapted:
+        return value
+    if tag.magnitude is not None:
+        pair = {"lora_a": tag.a, "lora_b": tag.b, "magnitude": tag.magnitude}
+        return merged_weight(value, pair, tag.leaf).astype(value.dtype)
+    return value + tag.delta(value.dtype)
+
+
+def _merged_inputs(eqn, values, tags, record: Record, cause: str) -> list[Any]:
+    out = []
+    for value, tag in zip(values, tags, strict=True):
+        if tag is None:
+            out.append(value)
+            continue
+        if tag.adapted:
+            record.merge(tag.path, cause)
+        out.append(materialized(value, tag))
+    return out
+
+
+def _tagged(eqn, values, tags, record: Record, options: Options):
+    """One equation with at least one tagged input: (outputs, their tags or None)."""
+    name = eqn.primitive.name
+    if name == "transpose":
+        (tag,) = tags
+        permutation = tuple(eqn.params["permutation"])
+        if tag.depth and permutation[: tag.depth] != tuple(range(tag.depth)):
+            return _merged(eqn, values, tags, record, "its stacked layer axes are transposed")
+        value = values[0] if tag.quantized is not None else bind(eqn, *values)
+        return [value], [tag.transposed(permutation)]
+    if name in _PASSTHROUGH and len(values) == 1:
+        (tag,) = tags
+        if tag.quantized is not None:
+            dtype = eqn.params.get("new_dtype", tag.dtype)
+            return [values[0]], [dataclasses.replace(tag, dtype=dtype)]
+        outs = bind(eqn, *values)
+        outs = outs if eqn.primitive.multiple_results else [outs]
+        return outs, [tag]
+    if name in _INLINE and "jaxpr" in eqn.params:
+        closed = eqn.params["jaxpr"]
+        inner, consts = (closed.jaxpr, closed.consts) if hasattr(closed, "consts") else (closed, ())
+        return run(inner, consts, values, tags, record, options)
+    if name == "remat2":
+        return _remat(eqn, values, tags, record, options), None
+    if name == "scan":
+        return _scan(eqn, values, tags, record, options), None
+    served = _serve(eqn, values, tags, record, options)
+    if served is not None:
+        return [served], None
+    return _merged(eqn, values, tags, record, _unsupported_cause(name))
+
+
+def _merged(eqn, values, tags, record: Record, cause: str):
+    outs = bind(eqn, *_merged_inputs(eqn, values, tags, record, cause))
+    return (outs if eqn.primitive.multiple_results else [outs]), None
+
+
+def _unsupported_cause(name: str) -> str:
+    if name.startswith("custom_"):
+        return (
+            f"it is used inside a {name} function (a custom_vjp/custom_jvp layer), which jaxlora cannot look into: "
+            "register the module that calls it with jaxlora.register_layer, or exclude the kernel from the targets"
+        )
+    return (
+        f"it goes through `{name}` before reaching an operation with x (jaxlora serves dot_general/einsum/@, "
+        "conv_general_dilated and row gathers of the kernel itself, after dtype casts); register the module with "
+        "jaxlora.register_layer to serve it, or exclude the kernel from the targets"
+    )
+
+
+def _serve(eqn, values, tags, record: Record, options: Options):
+    """The provider's output for a serving primitive, or None to merge (recording the refusal's cause)."""
+    name = eqn.primitive.name
+    if name == "dot_general":
+        lhs_tag, rhs_tag = tags
+        if lhs_tag is not None and rhs_tag is not None:
+            return None
+        kernel_is_rhs = rhs_tag is not None
+        tag = rhs_tag if kernel_is_rhs else lhs_tag
+        x, w = (values[0], values[1]) if kernel_is_rhs else (values[1], values[0])
+        out = serve_dot_general(eqn, x, w, tag, kernel_is_rhs, options.fast)
+    elif name == "conv_general_dilated" and tags[0] is None and tags[1] is not None:
+        tag = tags[1]
+        out = serve_conv(eqn, values[0], values[1], tag)
+    elif name == "gather" and tags[0] is not None and tags[1] is None:
+        tag = tags[0]
+        out = serve_gather(eqn, values[0], values[1], tag)
+    else:
+        return None
+    if isinstance(out, Refusal):
+        if tag.adapted:
+            record.merge(tag.path, out.cause)
+        return None
+    if tag.adapted:
+        record.serve(tag.path)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Higher-order primitives that a tagged kernel enters.
+
+
+def _remat(eqn, values, tags, record: Record, options: Options) -> list[Any]:
+    """A rematerialised block run again under `jax.checkpoint` (same policy), its tags passed in as arguments."""
+    params = eqn.params
+    jaxpr = params["jaxpr"]
+
+    def block(values, tags):
+        return run(jaxpr, (), values, tags, record, options)[0]
+
+    checkpointed = jax.checkpoint(block, prevent_cse=params["prevent_cse"], policy=params["policy"])
+    return checkpointed(list(values), list(tags))
+
+
+def _scan(eqn, values, tags, record: Record, options: Options) -> list[Any]:
+    """`lax.scan` run again with each tagged scanned kernel's adapter scanned alongside it (one layer per step)."""
+    params = eqn.params
+    n_consts, n_carry = params["num_consts"], params["num_carry"]
+    closed = params["jaxpr"]
+    consts, carry, xs = values[:n_consts], values[n_consts : n_consts + n_carry], values[n_consts + n_carry :]
+    const_tags, carry_tags, xs_tags = tags[:n_consts], tags[n_consts : n_consts + n_carry], tags[n_consts + n_carry :]
+    if any(t is not None for t in carry_tags):
+        carry = _merged_inputs(eqn, carry, carry_tags, record, "it is a loop carry of a lax.scan")
+    xs = list(xs)
+    for i, tag in enumerate(xs_tags):
+        if tag is not None and tag.adapted and tag.depth == 0:
+            record.merge(
+                tag.path,
+                "it is stacked by a scan (nn.scan/nnx.scan) that slices it layer by layer, but the plan gives it one "
+                "adapter over the whole stack: build the plan with jaxlora.plan(params, config, model=model, "
+                "example=...) or set stacked_axes for it",
+            )
+            xs[i], xs_tags = materialized(xs[i], tag), [None if j == i else t for j, t in enumerate(xs_tags)]
+
+    def body(carry, scanned):
+        x, x_tags = scanned
+        inner_tags = [*const_tags, *([None] * n_carry), *(None if t is None else t.sliced() for t in x_tags)]
+        outs = run(closed.jaxpr, closed.consts, [*consts, *carry, *x], inner_tags, record, options)[0]
+        return outs[:n_carry], outs[n_carry:]
+
+    carry_out, ys = lax.scan(
+        body,
+        list(carry),
+        (xs, list(xs_tags)),
+        length=params["length"],
+        reverse=params["reverse"],
+        unroll=params["unroll"],
+    )
+    return [*carry_out, *ys]
+
