@@ -10,7 +10,6 @@ from jaxlora import analysis, checkpoint, layers, loraplus, name_maps, peft_form
 from jaxlora._src.adapter_bank import BASE_MODEL, AdapterBank, adapter_bank, apply_bank
 from jaxlora._src.adapter_module import AdapterModule
 from jaxlora._src.builtin_layers import register_builtin_layers as _register_builtin_layers
-from jaxlora._src.builtin_nnx_layers import register_builtin_nnx_layers as _register_builtin_nnx_layers
 from jaxlora._src.combinations import weighted_cat, weighted_linear, weighted_svd
 from jaxlora._src.config import ALL_EMBEDDINGS, ALL_KERNELS, LoraConfig
 from jaxlora._src.finiteness import all_finite, nonfinite_paths
@@ -28,7 +27,6 @@ from jaxlora._src.planning import LeafPlan, Plan, plan, summary
 from jaxlora._src.sharding import adapter_shardings, adapter_specs
 
 _register_builtin_layers()
-_register_builtin_nnx_layers()
 
 __version__ = "0.2.0"
 

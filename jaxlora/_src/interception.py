@@ -20,7 +20,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from jaxlora._src.builtin_layers import inside_adapter
 from jaxlora._src.config import LoraConfig
 from jaxlora._src.layer_kinds import _BUILTIN, Adapter, LayerCall, LayerKind, kind_of, registered_layers, user_kind_of
 from jaxlora._src.model_trace import linen_call
@@ -47,7 +46,7 @@ def intercepted(
     context: Any, args: tuple, kinds: Callable[[Any], LayerKind | None] = kind_of
 ) -> tuple[LayerKind, str] | None:
     """The registered kind and the path of W for an intercepted method call that a kind serves, else None."""
-    kind = None if inside_adapter.get() else kinds(context.module)
+    kind = kinds(context.module)
     if kind is None or context.method_name not in kind.methods or not args:
         return None
     return kind, "/".join((*context.module.path, kind.param))
