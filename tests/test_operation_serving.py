@@ -331,3 +331,30 @@ def _shapes(jaxpr) -> set[tuple[int, ...]]:
         for sub in jax.core.jaxprs_in_params(eqn.params):
             found |= _shapes(sub)
     return found
+
+
+class Looped(nn.Module):
+    """A kernel used inside lax.cond branches, a fori_loop (a scan holding it as a constant) or a while_loop."""
+
+    loop: str = "fori"
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("w", nn.initializers.normal(0.3), (D, D))
+        x = jax.lax.cond(x.sum() > 0, lambda: jnp.tanh(x @ w), lambda: jnp.sin(x @ w))
+        if self.loop == "fori":
+            return jax.lax.fori_loop(0, 3, lambda i, h: jnp.tanh(h @ w), x)
+        return jax.lax.while_loop(lambda c: c[0] < 3, lambda c: (c[0] + 1, jnp.tanh(c[1] @ w)), (0, x))[1]
+
+
+def test_kernels_inside_cond_branches_and_loops_are_served():
+    model, x = Looped(), _x((3, D))
+    params = model.init(jax.random.key(0), x)["params"]
+    check_drop_in(model, params, x, jaxlora.LoraConfig(rank=2, targets=("w",)))
+    model = Looped(loop="while")  # no reverse-mode derivative exists for it: the forward pass alone
+    plan = jaxlora.plan(params, jaxlora.LoraConfig(rank=2, targets=("w",)), model=model, example=x)
+    _, adapters = jaxlora.init(jax.random.key(1), params, plan)
+    adapters = jax.tree.map(lambda a: a + 0.2, adapters)
+    out = jaxlora.apply_fn(model, plan, strict=True)({"params": params}, adapters, x)
+    want = model.apply({"params": formula_merge(params, adapters, plan)}, x)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)

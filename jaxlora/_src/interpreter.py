@@ -150,6 +150,10 @@ def _tagged(eqn, values, tags, record: Record, options: Options):
         return _remat(eqn, values, tags, record, options), None
     if name == "scan":
         return _scan(eqn, values, tags, record, options), None
+    if name == "cond":
+        return _cond(eqn, values, tags, record, options), None
+    if name == "while":
+        return _while(eqn, values, tags, record, options), None
     served = _serve(eqn, values, tags, record, options)
     if served is not None:
         return [served], None
@@ -254,3 +258,33 @@ def _scan(eqn, values, tags, record: Record, options: Options) -> list[Any]:
     )
     return [*carry_out, *ys]
 
+
+def _cond(eqn, values, tags, record: Record, options: Options) -> list[Any]:
+    """`lax.switch` run again with each branch served (the index is never a kernel)."""
+    index, operands, operand_tags = values[0], values[1:], tags[1:]
+
+    def branch(closed):
+        return lambda *ops: run(closed.jaxpr, closed.consts, list(ops), operand_tags, record, options)[0]
+
+    return list(lax.switch(index, [branch(b) for b in eqn.params["branches"]], *operands))
+
+
+def _while(eqn, values, tags, record: Record, options: Options) -> list[Any]:
+    """`lax.while_loop` run again with kernels among its constants served in every iteration."""
+    params = eqn.params
+    nc, nb = params["cond_nconsts"], params["body_nconsts"]
+    cond_consts, body_consts, carry = values[:nc], values[nc : nc + nb], values[nc + nb :]
+    cond_tags, body_tags, carry_tags = tags[:nc], tags[nc : nc + nb], tags[nc + nb :]
+    if any(t is not None for t in carry_tags):
+        carry = _merged_inputs(eqn, carry, carry_tags, record, "it is a loop carry of a lax.while_loop")
+    free = [None] * len(carry)
+
+    def cond(carry):
+        closed = params["cond_jaxpr"]
+        return run(closed.jaxpr, closed.consts, [*cond_consts, *carry], [*cond_tags, *free], record, options)[0][0]
+
+    def body(carry):
+        closed = params["body_jaxpr"]
+        return run(closed.jaxpr, closed.consts, [*body_consts, *carry], [*body_tags, *free], record, options)[0]
+
+    return list(lax.while_loop(cond, body, list(carry)))

@@ -90,6 +90,16 @@ def _eqn(eqn: Any, tags: list[_Tag | None], found: dict[str, list[Usage]]) -> li
                 _add(found, t, Usage("scan carry", t.sliced, None, "it is a loop carry of a lax.scan"))
         _walk(eqn.params["jaxpr"].jaxpr, inner, found)
         return none
+    if name == "cond":
+        for closed in eqn.params["branches"]:
+            _walk(closed.jaxpr, tags[1:], found)
+        return none
+    if name == "while":
+        nc, nb = eqn.params["cond_nconsts"], eqn.params["body_nconsts"]
+        carry = [None] * (len(tags) - nc - nb)
+        _walk(eqn.params["cond_jaxpr"].jaxpr, [*tags[:nc], *carry], found)
+        _walk(eqn.params["body_jaxpr"].jaxpr, [*tags[nc : nc + nb], *carry], found)
+        return none
     if name == "dot_general" and (tags[0] is None) != (tags[1] is None):
         kernel_is_rhs = tags[1] is not None
         (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
