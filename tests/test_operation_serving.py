@@ -358,3 +358,27 @@ def test_kernels_inside_cond_branches_and_loops_are_served():
     out = jaxlora.apply_fn(model, plan, strict=True)({"params": params}, adapters, x)
     want = model.apply({"params": formula_merge(params, adapters, plan)}, x)
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+
+
+def test_peft_files_round_trip_einsum_layouts_and_kernels_named_w(tmp_path):
+    model, x = GemmaLike(), _x()
+    params = model.init(jax.random.key(0), x)["params"]
+    both = jaxlora.plan(params, jaxlora.LoraConfig(rank=2, targets=(r"mlp/.*",)), model=model, example=x)
+    _, adapters = jaxlora.init(jax.random.key(1), params, both)
+    with pytest.raises(ValueError, match=r"'mlp/gating_einsum' and 'mlp/linear' to PEFT: both map to the torch module"):
+        jaxlora.peft_format.save_peft(tmp_path / "shared", params, adapters, both)  # one scope, two weights
+    assert not (tmp_path / "shared").exists()
+    plan = jaxlora.plan(params, jaxlora.LoraConfig(rank=2, alpha=4.0, targets=(r".*/w",)), model=model, example=x)
+    _, adapters = jaxlora.init(jax.random.key(1), params, plan)
+    adapters = jax.tree.map(lambda a: a + 0.1, adapters)
+    path = jaxlora.peft_format.save_peft(tmp_path / "peft", params, adapters, plan)
+    _, loaded, loaded_plan = jaxlora.peft_format.load_peft(path, params, layouts=plan)
+    jax.tree.map(np.testing.assert_array_equal, loaded, adapters)
+    assert {p: leaf.in_axes for p, leaf in loaded_plan.leaves.items()} == {
+        p: leaf.in_axes for p, leaf in plan.leaves.items()
+    }
+    out = jaxlora.apply_fn(model, loaded_plan, strict=True)({"params": params}, loaded, x)
+    want = model.apply({"params": formula_merge(params, adapters, plan)}, x)
+    np.testing.assert_allclose(out, want, atol=1e-5 * float(np.abs(want - model.apply({"params": params}, x)).max()))
+    with pytest.raises(ValueError, match=r"which do not fit our 'attn/(q|kv)_einsum/w' of shape"):
+        jaxlora.peft_format.load_peft(path, params)  # without the layouts, inputs would be the leading axes

@@ -84,8 +84,15 @@ def _adapter_tensors(plan: Plan, pairs: Mapping, torch_name: TorchName, names: l
     config = plan.config
     tensors: dict[str, np.ndarray] = {}
     targets, layouts, rank_pattern, alpha_pattern = [], set(), {}, {}
+    owners: dict[str, str] = {}
     for path, leaf in plan.leaves.items():
         template, layout = torch_name(path)
+        if owners.setdefault(template, path) != path:
+            raise ValueError(
+                f"cannot export the LoRA adapters of {owners[template]!r} and {path!r} to PEFT: both map to the torch "
+                f"module {template!r}, which holds one weight; give them torch names of their own in the name map, "
+                "or adapt one of them"
+            )
         for name, pair in _per_layer(path, leaf, pairs[path], template):
             for suffix, tensor in _lora_tensors(pair, layout, path).items():
                 tensors[f"{PREFIX}{name}.{suffix}"] = tensor

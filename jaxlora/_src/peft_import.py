@@ -199,7 +199,8 @@ def _check_coverage(factors: Mapping[str, Any], modules: Modules, peft_config: M
     expected = sorted(
         name
         for name, module in modules.items()
-        if _peft_targets(name, peft_config) and ("kernel" in module.leaves or "embedding" in module.leaves)
+        if _peft_targets(name, peft_config)
+        and (_kernel_leaf(module.leaves) in module.leaves or "embedding" in module.leaves)
     )
     missing = [name for name in expected if name not in factors]
     if missing:
@@ -230,7 +231,7 @@ def _module_path(
             "PEFT adapts only its lookup, while jaxlora adapts the lookup and the tied head together, so "
             "loading it would compute another model: train the adapter without this module"
         )
-    leaf = "embedding" if kind == "embedding" else "kernel"
+    leaf = "embedding" if kind == "embedding" else _kernel_leaf(leaves)
     if leaf not in leaves or (kind == "embedding") != (layout == "embedding"):
         raise ValueError(
             f"{source}: torch module {name!r} holds {kind} LoRA weights, but our module {module_path!r} "
@@ -239,8 +240,21 @@ def _module_path(
     return f"{module_path}/{leaf}"
 
 
+def _kernel_leaf(leaves: tuple[str, ...]) -> str:
+    """The leaf a linear module's LoRA adapts: `kernel`, else its one leaf that is not a bias or a scale (`w`)."""
+    if "kernel" in leaves:
+        return "kernel"
+    others = [leaf for leaf in leaves if leaf not in ("bias", "scale")]
+    return others[0] if len(others) == 1 else "kernel"
+
+
 def _convert_factors(
-    sorted_: _Factors, modules: Modules, shapes: Mapping[str, tuple[int, ...]], peft_config: Mapping, source: Path
+    sorted_: _Factors,
+    modules: Modules,
+    shapes: Mapping[str, tuple[int, ...]],
+    peft_config: Mapping,
+    source: Path,
+    layouts: Mapping[str, tuple[int, ...]],
 ) -> _Converted:
     """Our (A, B) for every adapted module, with the rank, alpha, fan_in_ndim and scale PEFT gives it."""
     r_default, alpha_default = peft_config.get("r", 8), peft_config.get("lora_alpha", 8)
@@ -251,7 +265,7 @@ def _convert_factors(
         kind, layer = sorted_.kinds[name], modules[name].layer
         path = _module_path(name, kind, factor, modules, source, bool(peft_config.get("use_dora")))
         shape = shapes[path] if layer is None else shapes[path][1:]
-        pair, out.fan_in_ndims[path] = _convert_pair(factor, kind, name, path, shape, str(source))
+        pair, out.fan_in_ndims[path] = _convert_pair(factor, kind, name, path, shape, str(source), layouts.get(path))
         if layer is None:
             out.pairs[path] = pair
         else:
@@ -304,21 +318,27 @@ def _jaxlora_config(
         fan_in_ndim={
             re.escape(p): k
             for p, k in converted.fan_in_ndims.items()
-            if k != len(shapes[p]) - (p in converted.layers) - 1
+            if isinstance(k, int) and k != len(shapes[p]) - (p in converted.layers) - 1
         },
+        in_axes={re.escape(p): k for p, k in converted.fan_in_ndims.items() if isinstance(k, tuple)},
         stacked_axes={re.escape(p): 1 for p in converted.layers},
         layers_to_transform={re.escape(p): layers for p, layers in converted.layers.items() if layers is not None},
         use_dora=bool(peft_config.get("use_dora", False)),
     )
 
 
-def load_peft(directory: str | os.PathLike, params: PyTree, *, name_map: NameMap = ()) -> tuple[PyTree, dict, Plan]:
+def load_peft(
+    directory: str | os.PathLike, params: PyTree, *, name_map: NameMap = (), layouts: Plan | None = None
+) -> tuple[PyTree, dict, Plan]:
     """`(params, adapters, plan)` from a PEFT LoRA directory, for our base `params` and torch `name_map`.
 
     Args:
       directory: what ``PeftModel.save_pretrained`` wrote (``adapter_config.json`` + ``adapter_model.safetensors``).
       params: our base params.
       name_map: torch module names and layouts (e.g. ``jaxlora.models.gpt2.PEFT_NAME_MAP``).
+      layouts: a plan over these params whose kernels' input axes (`in_axes`, read by `jaxlora.plan(...,
+        model=...)`) the file's factors follow, for kernels whose inputs are not their leading axes (einsum
+        kernels such as (heads, features, head_dim)); without it, a kernel's inputs are its leading axes.
 
     Returns:
       `params` with the file's modules_to_save weights put in, the adapters, and the plan (its config is
@@ -347,7 +367,8 @@ def load_peft(directory: str | os.PathLike, params: PyTree, *, name_map: NameMap
     saved_names = peft_config.get("modules_to_save") or []
     sorted_ = _sort_tensors(tensors, modules, saved_names, source, bool(peft_config.get("use_dora")))
     _check_coverage(sorted_.factors, modules, peft_config, source)
-    converted = _convert_factors(sorted_, modules, shapes, peft_config, source)
+    in_axes = {} if layouts is None else {p: leaf.in_axes for p, leaf in layouts.leaves.items() if leaf.in_axes}
+    converted = _convert_factors(sorted_, modules, shapes, peft_config, source, in_axes)
     new_params, saved_paths = _load_saved(params, flat_params, sorted_.saved, modules, saved_names, str(source))
     # PEFT allows a rank above min(in, out) (the update's rank is still at most that): warn, do not refuse a file
     resolved = make_plan(
@@ -364,10 +385,19 @@ def load_peft(directory: str | os.PathLike, params: PyTree, *, name_map: NameMap
 
 
 def _convert_pair(
-    factor: Mapping[str, Any], kind: str, name: str, path: str, shape: tuple[int, ...], source: str
-) -> tuple[dict[str, Any], int]:
-    """Our (A, B) and fan_in_ndim from PEFT's factors of torch module `name`, checking every shape."""
+    factor: Mapping[str, Any],
+    kind: str,
+    name: str,
+    path: str,
+    shape: tuple[int, ...],
+    source: str,
+    in_axes: tuple[int, ...] | None = None,
+) -> tuple[dict[str, Any], int | tuple[int, ...]]:
+    """Our (A, B) and fan_in_ndim (or, with a layout's `in_axes`, those axes) from PEFT's factors of torch module
+    `name`, checking every shape."""
     lora_a, lora_b = factor["lora_a"], factor["lora_b"]
+    if in_axes is not None and "magnitude" not in factor:
+        return _convert_with_layout(lora_a, lora_b, name, path, shape, source, in_axes), in_axes
     if lora_a.ndim != 2 or lora_b.ndim != 2 or lora_a.shape[0] != lora_b.shape[1]:
         raise ValueError(
             f"{source}: {name!r} has lora A {tuple(lora_a.shape)} and lora B {tuple(lora_b.shape)}; "
@@ -392,6 +422,24 @@ def _convert_pair(
             "(one entry per output feature); the adapter belongs to a different model"
         )
     return {"lora_a": a, "lora_b": b, "magnitude": magnitude.reshape(shape[k:])}, k
+
+
+def _convert_with_layout(lora_a, lora_b, name, path, shape, source, in_axes) -> dict[str, Any]:
+    """Our (A, B) for a kernel whose inputs are its axes `in_axes` (A over those, B over the others, in W's order)."""
+    ins = [shape[d] for d in in_axes]
+    outs = [shape[d] for d in range(len(shape)) if d not in in_axes]
+    rank = lora_a.shape[0]
+    fits = (lora_a.shape[1], lora_b.shape) == (math.prod(ins), (math.prod(outs), rank))
+    if lora_a.ndim != 2 or lora_b.ndim != 2 or not fits:
+        raise ValueError(
+            f"{source}: {name!r} has lora A {tuple(lora_a.shape)} and lora B {tuple(lora_b.shape)}, which do not fit "
+            f"our {path!r} of shape {shape} with inputs on axes {in_axes} (expected ({rank}, {math.prod(ins)}) and "
+            f"({math.prod(outs)}, {rank})); the adapter belongs to a different model or layout"
+        )
+    return {
+        "lora_a": jnp.asarray(lora_a).T.reshape(*ins, rank),
+        "lora_b": jnp.asarray(lora_b).T.reshape(rank, *outs),
+    }
 
 
 def _load_saved(
