@@ -177,7 +177,7 @@ def test_byte_encoding_round_trips_and_pads_with_its_own_end_of_text():
     encoding = spam_data.ByteEncoding()
     text = "Free entry: £100!"
     assert encoding.decode(encoding.encode_ordinary(text)) == text
-    assert list("Hi".encode()) == encoding.encode_ordinary("Hi")
+    assert list(b"Hi") == encoding.encode_ordinary("Hi")
     split = spam_data.encode(encoding, [(0, "Hi"), (1, "Hello")])
     assert split.ids.tolist() == [[72, 105, 256, 256, 256], list(b"Hello")]  # 256, inside the 257-token vocabulary
     assert split.lengths.tolist() == [2, 5]
