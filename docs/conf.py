@@ -32,7 +32,7 @@ extensions = [
 ]
 source_suffix = {".md": "myst-nb", ".ipynb": "myst-nb"}
 exclude_patterns = ["_build", "jupyter_execute", "**/.ipynb_checkpoints", "README.md"]
-myst_enable_extensions = ["colon_fence", "dollarmath"]
+myst_enable_extensions = ["colon_fence"]  # no math: formulas are written as code, which renders offline
 myst_heading_anchors = 3
 
 # Every code cell runs at every build, top to bottom in a fresh kernel per page; an error fails the build.
@@ -41,6 +41,7 @@ nb_execution_raise_on_error = True
 nb_execution_timeout = 300
 nb_execution_show_tb = True
 nb_merge_streams = True
+nb_render_markdown_format = "myst"  # a cell's Markdown output (the tables read from results files) with tables
 
 autosummary_generate = False
 autodoc_default_options = {"members": True, "undoc-members": False, "show-inheritance": False}

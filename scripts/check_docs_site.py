@@ -30,10 +30,11 @@ import urllib.parse
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SCREENSHOTS = {  # page -> text its rendered DOM must contain
-    "index.html": "jaxlora",
-    "guides/getting_started.html": "Getting started",
-    "api/jaxlora.html": "LoraConfig",
+SCREENSHOTS = {  # page -> what its rendered DOM must contain (the last: a table made by an executed cell)
+    "index.html": ("jaxlora",),
+    "guides/getting_started.html": ("Getting started", "LoRA parameters:"),
+    "api/jaxlora.html": ("LoraConfig", "Parameters", "Example"),
+    "guides/performance.html": ("Targets", "<table"),
 }
 
 
@@ -137,13 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     server, base = serve(args.html)
     with tempfile.TemporaryDirectory() as profile:
         try:
-            for page, text in SCREENSHOTS.items():
+            for page, texts in SCREENSHOTS.items():
                 shot = args.out / (page.replace("/", "_").removesuffix(".html") + ".png")
                 dom = browse(browser, base + page, shot, profile)
-                if text not in dom or "<article" not in dom:
-                    problems.append(f"{page} did not render (no article, or no {text!r} in the DOM)")
-                if "Traceback (most recent call last)" in dom:
-                    problems.append(f"{page} shows a traceback")
+                missing = [text for text in (*texts, "<article") if text not in dom]
+                if missing:
+                    problems.append(f"{page} did not render: {missing} not in the DOM")
+                if "Traceback (most recent call last)" in dom or 'class="math' in dom:  # math needs MathJax online
+                    problems.append(f"{page} shows a traceback or unrendered math")
                 if not shot.is_file() or blank(shot):
                     problems.append(f"{page}: the screenshot {shot} is missing or blank")
                 else:
