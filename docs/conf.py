@@ -14,9 +14,8 @@ from pathlib import Path
 
 DOCS = Path(__file__).resolve().parent
 ROOT = DOCS.parent
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 project = "jaxlora"
 author = "the jaxlora authors"
@@ -117,6 +116,13 @@ def _write(path: Path, text: str) -> None:
 _LITERAL = re.compile(r"(``[^`]+?``|`[^`]+`)")
 
 
+def _escape(text: str) -> str:
+    """Backslashes, `*`, `|` and stray backticks as plain characters (napoleon's own `\\*args` stays as it is)."""
+    text = re.sub(r"\\(?!\*)", r"\\\\", text)
+    text = re.sub(r"(?<!\\)\*", r"\\*", text)
+    return text.replace("|", "\\|").replace("`", "\\`")
+
+
 def _plain_text(text: str) -> str:
     """Docstring text written for people (`code` in single backticks, a·b, *args, a|b) made safe reStructuredText:
     single-backticked spans become literals, and outside literals `*`, `|` and backslashes lose their markup
@@ -128,9 +134,9 @@ def _plain_text(text: str) -> str:
             if len(out) > 1 and out[-2][-1:].isalnum():  # "a``x``": reST needs a (zero-width) break before
                 out[-2] += "\\ "
         elif out and out[-1].endswith("``") and part[:1].isalnum():  # "``x``s": and after
-            out.append("\\ " + part.replace("\\", "\\\\").replace("*", "\\*").replace("|", "\\|").replace("`", "\\`"))
+            out.append("\\ " + _escape(part))
         else:
-            out.append(part.replace("\\", "\\\\").replace("*", "\\*").replace("|", "\\|").replace("`", "\\`"))
+            out.append(_escape(part))
     return "".join(out)
 
 
@@ -172,6 +178,9 @@ def returns_as_prose(app, what, name, obj, options, lines) -> None:
 
 
 def setup(app):
+    # The guides' kernels are child processes: they import this checkout's jaxlora, on the CPU.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     write_api_pages()
     app.connect("autodoc-process-docstring", returns_as_prose, priority=400)
     app.connect("autodoc-process-docstring", docstrings_as_plain_text)
