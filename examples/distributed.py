@@ -10,6 +10,9 @@ checkpoint, a training checkpoint and a PEFT export (gathered, written once by p
     python examples/distributed.py --local-processes 2
     python examples/distributed.py --local-processes 2 --devices-per-process 2 --model-parallel 2
 
+Output goes to runs/distributed/ (--out): adapter/, train/, peft/, summary.json, and with --local-processes each
+process's own output in logs/process-N.log (--verbose shows it live, gloo's connection lines included).
+
     # a cluster: run the same command on every host. JAX finds the coordinator, process count and id on
     # SLURM, Open MPI, Cloud TPU and Kubernetes; elsewhere set them on every process:
     JAX_COORDINATOR_ADDRESS=host0:1234 JAX_NUM_PROCESSES=4 JAX_PROCESS_ID=<0..3> python examples/distributed.py
@@ -207,13 +210,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_local(script: str, argv: list[str], processes: int, devices_per_process: int, timeout: float) -> int:
+def launch_local(
+    script: str,
+    argv: list[str],
+    processes: int,
+    devices_per_process: int,
+    timeout: float,
+    logs: Path | None = None,
+) -> int:
     """Runs `script` in `processes` processes on this machine, as one job (CPU devices, a free local port).
 
+    Each process's output goes to `logs/process-N.log` when `logs` is given, else to this process's terminal.
     Returns their exit status (0 when all succeeded); if one fails or `timeout` seconds pass, all are killed.
     """
     port = free_port()
-    children = []
+    children, files = [], []
+    if logs is not None:
+        logs.mkdir(parents=True, exist_ok=True)
     for i in range(processes):
         env = dict(
             os.environ,
@@ -223,7 +236,15 @@ def launch_local(script: str, argv: list[str], processes: int, devices_per_proce
             JAX_PLATFORMS="cpu",
             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
         )
-        children.append(subprocess.Popen([sys.executable, script, *argv], env=env))
+        output = None
+        if logs is not None:
+            output = (logs / f"process-{i}.log").open("w")
+            files.append(output)
+        children.append(
+            subprocess.Popen(
+                [sys.executable, script, *argv], env=env, stdout=output, stderr=subprocess.STDOUT if output else None
+            )
+        )
     deadline = time.monotonic() + timeout
     try:
         while any(c.poll() is None for c in children):
@@ -236,6 +257,36 @@ def launch_local(script: str, argv: list[str], processes: int, devices_per_proce
             if c.poll() is None:
                 c.kill()
                 c.wait()
+        for f in files:
+            f.close()
+
+
+def log_lines(path: Path) -> list[str]:
+    """A process's output without gloo's connection lines ("[Gloo] Rank 0 is connected to 1 peer ranks...")."""
+    return [line for line in path.read_text(errors="replace").splitlines() if not line.startswith("[Gloo]")]
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+def describe(summary: dict[str, Any], out: Path) -> str:
+    """The run's summary in a few readable lines (the numbers are in summary.json too)."""
+    losses = summary["losses"]
+    k = max(1, min(5, len(losses) // 4))
+    mesh = " x ".join(f"{name} {size}" for name, size in summary["mesh"].items())
+    step = summary["seconds_per_step"]
+    step = f"{1000 * step:.1f} ms a step (median after the first, which compiles)" if step else "one step"
+    return "\n".join(
+        [
+            f"Trained {len(losses)} steps on {_count(summary['processes'], 'process', 'processes')}, "
+            f"{_count(summary['devices'], 'device', 'devices')}, "
+            f"mesh {mesh}: loss {np.mean(losses[:k]):.3f} -> {np.mean(losses[-k:]):.3f} "
+            f"(mean of the first and last {k}); {step}.",
+            f"Wrote {out}/: adapter/ (orbax adapter checkpoint), train/ (training checkpoint, resumable), "
+            f"peft/ (Hugging Face PEFT files), summary.json.",
+        ]
+    )
 
 
 def _without(argv: list[str], flag: str) -> list[str]:
@@ -253,13 +304,16 @@ def _without(argv: list[str], flag: str) -> list[str]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("distributed_out"))
+    parser.add_argument("--out", type=Path, default=Path("runs/distributed"))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=32, help="global batch (rows split over the data axis)")
     parser.add_argument("--model-parallel", type=int, default=1, help="devices on the mesh's model axis")
     parser.add_argument("--local-processes", type=int, default=0, help="start this many processes here")
     parser.add_argument("--devices-per-process", type=int, default=1, help="with --local-processes (CPU)")
     parser.add_argument("--timeout", type=float, default=600.0, help="with --local-processes: seconds")
+    parser.add_argument(
+        "--verbose", action="store_true", help="with --local-processes: every process's output live, gloo's too"
+    )
     return parser.parse_args(argv)
 
 
@@ -268,11 +322,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.local_processes:
         rest = _without(argv, "--local-processes")
-        return launch_local(__file__, rest, args.local_processes, args.devices_per_process, args.timeout)
+        logs = None if args.verbose else args.out / "logs"
+        print(f"Starting {args.local_processes} processes here (gloo over loopback); their output: {logs or 'below'}.")
+        status = launch_local(__file__, rest, args.local_processes, args.devices_per_process, args.timeout, logs)
+        if logs is not None:
+            shown = log_lines(logs / "process-0.log") if status == 0 else []
+            for i in range(args.local_processes) if status else ():
+                shown += [f"process {i} (last lines of {logs / f'process-{i}.log'}):"]
+                shown += [f"  {line}" for line in log_lines(logs / f"process-{i}.log")[-15:]]
+            print("\n".join(shown))
+        return status
     start_distributed()
-    summary, _ = run(args.out.absolute(), args.steps, args.batch, args.model_parallel)
+    out = args.out.absolute()
+    summary, _ = run(out, args.steps, args.batch, args.model_parallel)
     if jax.process_index() == 0:
-        print(json.dumps(summary))
+        print(describe(summary, args.out))
     return 0
 
 

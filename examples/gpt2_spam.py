@@ -214,9 +214,9 @@ def load_pretrained_weights(weights: str) -> tuple[GPT2Config, Params]:
         ) from None
 
 
-def lm_corpus(split: spam_data.EncodedSplit) -> np.ndarray:
-    """The training texts as one token stream, each message followed by <|endoftext|>."""
-    rows = [np.append(split.ids[i, : split.lengths[i]], spam_data.PAD_TOKEN_ID) for i in range(len(split))]
+def lm_corpus(split: spam_data.EncodedSplit, eot: int = spam_data.PAD_TOKEN_ID) -> np.ndarray:
+    """The training texts as one token stream, each message followed by <|endoftext|> (`eot`)."""
+    rows = [np.append(split.ids[i, : split.lengths[i]], eot) for i in range(len(split))]
     return np.concatenate(rows).astype(np.int32)
 
 
@@ -442,13 +442,14 @@ def encode_data(args: argparse.Namespace, encoding, splits) -> dict[str, spam_da
     if args.quick:
         data = {name: subset(split, 96 if name == "train" else 32) for name, split in data.items()}
     source = f"reference split {args.reference_split}" if args.reference_split else "balanced UCI collection"
+    source = "synthetic messages" if offline_quick(args)[1] else source
     counts = ", ".join(f"{name} {len(s)} ({int(s.labels.sum())} spam)" for name, s in data.items())
     print(f"SMS spam ({source}): {counts}; padded to {data['train'].ids.shape[1]} tokens (longest training message).")
     return data
 
 
 def base_model(
-    args: argparse.Namespace, train: spam_data.EncodedSplit, timings: dict
+    args: argparse.Namespace, train: spam_data.EncodedSplit, timings: dict, encoding=None
 ) -> tuple[GPT2Config, Params, list]:
     """The frozen GPT-2: restored, pretrained here (--offline-pretrain), or Hugging Face weights."""
     if args.pretrained is not None:
@@ -460,7 +461,9 @@ def base_model(
         print(f"Loaded GPT-2 weights from {args.weights} ({config.n_layer} layers, width {config.n_embd}).")
         return config, params, []
     config = QUICK_MODEL if args.quick else OFFLINE_MODEL
-    corpus = lm_corpus(train)
+    if isinstance(encoding, spam_data.ByteEncoding):  # --quick offline: a 257-token vocabulary
+        config = dataclasses.replace(config, vocab_size=encoding.n_vocab)
+    corpus = lm_corpus(train, getattr(encoding, "eot_token", spam_data.PAD_TOKEN_ID))
     print(
         f"Offline: pretraining GPT-2 ({config.n_layer} layers, width {config.n_embd}, {config.n_head} heads) as a "
         f"language model on the {len(corpus):,} tokens of the training texts ({len(np.unique(corpus)):,} distinct), "
@@ -595,15 +598,41 @@ def resolve_weights(weights: str) -> str:
     return str(fetch_hub_weights(repo_id))
 
 
+def offline_quick(args: argparse.Namespace) -> tuple[bool, bool]:
+    """(byte tokens, synthetic messages): what a --quick run uses for what it was not pointed at.
+
+    --quick reads no file and downloads nothing unless asked: without --bpe-dir (and with a base pretrained here)
+    it tokenizes UTF-8 bytes, without --data-dir / --reference-split it trains on synthetic messages.
+    """
+    if not args.quick:
+        return False, False
+    own_base = args.offline_pretrain or args.pretrained is not None
+    return own_base and args.bpe_dir is None, args.data_dir is None and args.reference_split is None
+
+
 def gather_inputs(args: argparse.Namespace):
     """The tokenizer, the encoded data and the weights' local path, or MissingInputs naming each that failed."""
     problems, encoding, data = [], None, None
+    byte_tokens, synthetic = offline_quick(args)
+    if byte_tokens or synthetic:
+        print(
+            "--quick runs offline: "
+            + " and ".join(
+                what
+                for what, used in (("byte tokens (not GPT-2's BPE)", byte_tokens), ("synthetic SMS", synthetic))
+                if used
+            )
+            + "; pass --bpe-dir and --data-dir for the real ones."
+        )
     try:
-        encoding = spam_data.gpt2_encoding(args.bpe_dir)
+        encoding = spam_data.ByteEncoding() if byte_tokens else spam_data.gpt2_encoding(args.bpe_dir)
     except spam_data.Unavailable as err:
         problems.append(str(err))
     try:
-        splits = spam_data.load_splits(args.data_dir, args.reference_split, seed=args.split_seed)
+        if synthetic:
+            splits = spam_data.synthetic_splits(seed=args.split_seed)
+        else:
+            splits = spam_data.load_splits(args.data_dir, args.reference_split, seed=args.split_seed)
     except (spam_data.Unavailable, FileNotFoundError) as err:
         problems.append(str(err) if isinstance(err, spam_data.Unavailable) else f"the SMS spam split: {err}")
     else:
@@ -626,7 +655,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     encoding, data = gather_inputs(args)  # all that can be missing is checked before any work
     args.out.mkdir(parents=True, exist_ok=True)
-    gpt_config, params, pretrain_losses = base_model(args, data["train"], timings)
+    gpt_config, params, pretrain_losses = base_model(args, data["train"], timings, encoding)
     gpt_config = dataclasses.replace(gpt_config, dropout=0.0)  # the recipe fine-tunes without dropout
     if args.scan_layers and not gpt_config.scan_layers:
         gpt_config = dataclasses.replace(gpt_config, scan_layers=True)

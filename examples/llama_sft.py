@@ -16,7 +16,8 @@ Where the base comes from:
 
     python examples/llama_sft.py --model Qwen/Qwen2.5-0.5B   # any small HF Llama/Qwen2 repo id or local dir
     python examples/llama_sft.py                             # offline: pretrain a tiny Llama on the SMS texts
-    python examples/llama_sft.py --quick                     # tiny model, few steps (what the test runs)
+    python examples/llama_sft.py --quick                     # tiny model, few steps; offline: byte tokens and
+                                                             # synthetic SMS unless --bpe-dir / --data-dir
 
 Offline, a tiny Llama (4 layers, width 128, 4 query / 2 key-value heads, untied head) is pretrained here as a
 causal LM on the training messages only, with GPT-2's BPE restricted to the token ids those texts and the
@@ -97,14 +98,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 @dataclasses.dataclass(frozen=True)
 class CompactBPE:
-    """GPT-2's BPE restricted to `vocab` (sorted GPT-2 ids); ids outside it map to one unknown id at the end."""
+    """GPT-2's BPE (or `spam_data.ByteEncoding`) restricted to `vocab` (sorted ids); others map to one unknown id."""
 
     encoding: Any
     vocab: np.ndarray
 
     @classmethod
     def from_texts(cls, encoding, texts: list[str]) -> CompactBPE:
-        ids = {GPT2_EOS} | {t for text in texts for t in encoding.encode_ordinary(text)}
+        ids = {getattr(encoding, "eot_token", GPT2_EOS)} | {t for text in texts for t in encoding.encode_ordinary(text)}
         return cls(encoding, np.array(sorted(ids)))
 
     @property
@@ -113,7 +114,7 @@ class CompactBPE:
 
     @property
     def eos_id(self) -> int:
-        return int(np.searchsorted(self.vocab, GPT2_EOS))
+        return int(np.searchsorted(self.vocab, getattr(self.encoding, "eot_token", GPT2_EOS)))
 
     pad_id = eos_id
 
@@ -231,7 +232,7 @@ def pretrain(config: llama.LlamaConfig, stream: np.ndarray, args: argparse.Names
 
 def offline_base(args, train: list[spam_data.Example]) -> tuple[llama.Llama, CompactBPE, Path]:
     """A tiny Llama pretrained on the training messages, unrolled, saved as an HF checkpoint for torch."""
-    encoding = spam_data.gpt2_encoding(args.bpe_dir)
+    encoding = spam_data.ByteEncoding() if offline_quick(args)[0] else spam_data.gpt2_encoding(args.bpe_dir)
     templates = [t.format(text="") + " spam ham" for t in TASKS.values()]
     tokenizer = CompactBPE.from_texts(encoding, [text for _, text in train] + templates)
     shape = QUICK_MODEL if args.quick else OFFLINE_MODEL
@@ -355,17 +356,34 @@ def fine_tune(args, model, data: dict[str, SFTData], tokenizer) -> tuple[Any, An
 # --------------------------------------------------------------------------------------------------------------
 
 
+def offline_quick(args: argparse.Namespace) -> tuple[bool, bool]:
+    """(byte tokens, synthetic messages): --quick reads no file and downloads nothing it was not pointed at."""
+    if not args.quick:
+        return False, False
+    return not args.model and args.bpe_dir is None, args.data_dir is None
+
+
 def inputs(args: argparse.Namespace) -> dict[str, Any]:
     """The SMS splits, after checking that everything the run needs can be had (SystemExit naming each missing
     thing, one line each, otherwise)."""
     problems, splits = [], {}
-    if not args.model:
+    byte_tokens, synthetic = offline_quick(args)
+    if byte_tokens or synthetic:
+        used = [
+            what for what, on in (("byte tokens (not GPT-2's BPE)", byte_tokens), ("synthetic SMS", synthetic)) if on
+        ]
+        print(f"--quick runs offline: {' and '.join(used)}; pass --bpe-dir and --data-dir for the real ones.")
+    if not args.model and not byte_tokens:
         try:
             spam_data.gpt2_encoding(args.bpe_dir)
         except spam_data.Unavailable as err:
             problems.append(str(err))
     try:
-        splits = spam_data.load_splits(args.data_dir, seed=args.seed)
+        splits = (
+            spam_data.synthetic_splits(seed=args.seed)
+            if synthetic
+            else spam_data.load_splits(args.data_dir, seed=args.seed)
+        )
     except spam_data.Unavailable as err:
         problems.append(str(err))
     if problems:

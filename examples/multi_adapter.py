@@ -110,42 +110,12 @@ def tokenizer(args: argparse.Namespace):
 # Data: SMS spam (real when available), two text styles from templates
 # --------------------------------------------------------------------------------------------------------------
 
-_SPAM = (
-    "WINNER! You have won a {prize}. Call {phone} now to claim. T&C apply",
-    "FREE entry to win a {prize}! Text WIN to {code} now",
-    "URGENT: your mobile number has been awarded a {prize}. Call {phone}",
-    "Congratulations! Claim your {prize} today, reply YES to {code}",
-)
-_HAM = (
-    "Hey, are we still meeting at {place} {when}?",
-    "I'll be home {when}, can you get some {food}?",
-    "Sorry I missed your call, talk {when}",
-    "Thanks for the {food}, see you at {place}",
-)
-_FILL = {
-    "prize": ["cash prize", "holiday", "new phone", "1000 pound voucher"],
-    "phone": ["09061701461", "08000930705", "09050002311"],
-    "code": ["87121", "80086", "69669"],
-    "place": ["the station", "the pub", "work", "mum's"],
-    "when": ["tonight", "later", "tomorrow", "at 6"],
-    "food": ["bread", "milk", "pizza", "cake"],
-}
 _CITIES = ["Oslo", "Lima", "Cairo", "Perth", "Quito", "Delhi", "Boston", "Seoul", "Nairobi", "Madrid"]
 _SKIES = ["light rain", "sunny", "cloudy", "heavy snow", "fog", "thunderstorms", "clear skies", "drizzle"]
 _WINDS = ["north", "south", "east", "west"]
 _NAMES = ["SAM", "ALEX", "MIA", "JO", "KAI", "LEE", "ANA", "MAX"]
 _THINGS = ["PIZZA", "CONCERT", "GAME", "MOVIE", "PARTY", "BEACH", "CAKE", "SHOW"]
 _ADJS = ["AMAZING", "HUGE", "SO LOUD", "INCREDIBLE", "THE BEST", "ON FIRE"]
-
-
-def synthetic_sms(n: int, rng: np.random.Generator) -> list[tuple[int, str]]:
-    """n (label, text) messages from the templates above, half spam (1), half ham (0)."""
-    out = []
-    for i in range(n):
-        label = i % 2
-        template = str(rng.choice(_SPAM if label else _HAM))
-        out.append((label, template.format(**{k: str(rng.choice(v)) for k, v in _FILL.items()})))
-    return out
 
 
 def weather_text(rng: np.random.Generator) -> str:
@@ -167,7 +137,7 @@ def sms_messages(args: argparse.Namespace, rng: np.random.Generator) -> tuple[li
         if args.data_dir is not None:  # asked for a file that is not there: say so rather than fall back
             raise SystemExit(f"Unavailable: {err}") from None
         print(f"SMS data: synthetic messages ({err}).")
-        return [(label, text[: args.sms_chars]) for label, text in synthetic_sms(args.sms, rng)], "synthetic"
+        return [(label, text[: args.sms_chars]) for label, text in spam_data.synthetic_sms(args.sms, rng)], "synthetic"
     examples = spam_data.balance(spam_data.read_sms_spam(path), seed=args.seed)
     spam = [e for e in examples if e[0] == 1][: args.sms // 2]
     ham = [e for e in examples if e[0] == 0][: args.sms // 2]

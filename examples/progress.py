@@ -3,6 +3,9 @@
 tqdm alone either draws nothing when stdout is not a terminal (``disable=None``) or fills a log file with
 carriage returns. ``Progress`` draws the bar only on a terminal; otherwise it prints one line every
 ``every`` seconds (and one at the end), so a run redirected to a file or a CI log still shows that it moves.
+
+The time left is estimated from the steps after the first: the first step of a jitted loop includes its
+compilation (seconds, against milliseconds a step), which would otherwise inflate the estimate a hundredfold.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ class Progress:
         self._stream = stream
         self._clock = clock
         self._start = self._last = clock()
+        self._first: tuple[float, int] | None = None  # (time, count) when the first update (compilation) ended
         self._bar = None
         self._closed = False
         if on_terminal() if tty is None else tty:
@@ -65,16 +69,25 @@ class Progress:
         else:
             count = f"{self.count:,} {self.unit}s"
         timing = f"{elapsed:.0f} s"
-        if not done and self.total and 0 < self.count < self.total:
-            timing += f", about {elapsed * (self.total - self.count) / self.count:.0f} s left"
+        if not done and self.total and self._first is not None and self._first[1] < self.count < self.total:
+            first_time, first_count = self._first  # the rate of the steps after the first: no compilation in it
+            per_unit = (self._clock() - first_time) / (self.count - first_count)
+            timing += f", about {per_unit * (self.total - self.count):.0f} s left"
         extra = "".join(f", {key} {value}" for key, value in self.postfix.items())
         return f"{self.desc}: {'done, ' if done else ''}{count} in {timing}{extra}"
 
     def update(self, n: int = 1, **postfix: Any) -> None:
         self.count += n
         self.postfix.update(postfix)
+        first = self._first is None
+        if first:
+            self._first = (self._clock(), self.count)
         if self._bar is not None:
-            self._bar.update(n)
+            if first:  # restart tqdm's clock and rate after the first step, as for the log lines
+                self._bar.reset(total=self.total)
+                self._bar.initial = self._bar.n = self._bar.last_print_n = self.count
+            else:
+                self._bar.update(n)
             if postfix:
                 self._bar.set_postfix(self.postfix, refresh=False)
             return

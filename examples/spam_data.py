@@ -244,6 +244,65 @@ def load_splits(
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Offline stand-ins: synthetic messages and byte tokens (the examples' --quick runs, with no data at hand)
+# --------------------------------------------------------------------------------------------------------------
+
+_SPAM = (
+    "WINNER! You have won a {prize}. Call {phone} now to claim. T&C apply",
+    "FREE entry to win a {prize}! Text WIN to {code} now",
+    "URGENT: your mobile number has been awarded a {prize}. Call {phone}",
+    "Congratulations! Claim your {prize} today, reply YES to {code}",
+)
+_HAM = (
+    "Hey, are we still meeting at {place} {when}?",
+    "I'll be home {when}, can you get some {food}?",
+    "Sorry I missed your call, talk {when}",
+    "Thanks for the {food}, see you at {place}",
+)
+_FILL = {
+    "prize": ["cash prize", "holiday", "new phone", "1000 pound voucher"],
+    "phone": ["09061701461", "08000930705", "09050002311"],
+    "code": ["87121", "80086", "69669"],
+    "place": ["the station", "the pub", "work", "mum's"],
+    "when": ["tonight", "later", "tomorrow", "at 6"],
+    "food": ["bread", "milk", "pizza", "cake"],
+}
+
+
+def synthetic_sms(n: int, rng: np.random.Generator) -> list[tuple[int, str]]:
+    """n (label, text) messages from the templates above, half spam (1), half ham (0)."""
+    out = []
+    for i in range(n):
+        label = i % 2
+        template = str(rng.choice(_SPAM if label else _HAM))
+        out.append((label, template.format(**{k: str(rng.choice(v)) for k, v in _FILL.items()})))
+    return out
+
+
+class ByteEncoding:
+    """UTF-8 bytes as token ids 0..255 and <|endoftext|> 256: tiktoken's interface, a 257-token vocabulary.
+
+    Needs no file and no network, and gives a small model a cheap softmax: the examples' --quick runs use it
+    when GPT-2's BPE is not asked for.
+    """
+
+    name = "bytes"
+    eot_token = 256
+    n_vocab = 257
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
+
+
+def synthetic_splits(n: int = 600, seed: int = 123) -> dict[str, list[Example]]:
+    """n synthetic messages (half spam), shuffled and split 70/10/20 like the collection."""
+    return random_split(synthetic_sms(n, np.random.default_rng(seed)), seed=seed)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Encoding
 # --------------------------------------------------------------------------------------------------------------
 
@@ -261,12 +320,13 @@ class EncodedSplit:
 
 
 def encode(encoding: tiktoken.Encoding, examples: Sequence[Example], max_length: int | None = None) -> EncodedSplit:
-    """Encode texts, truncate to ``max_length`` (default: the longest) and right-pad with 50256."""
+    """Encode texts, truncate to ``max_length`` (default: the longest) and right-pad with <|endoftext|> (50256)."""
     tokens = [encoding.encode_ordinary(text) for _, text in examples]
+    pad = getattr(encoding, "eot_token", PAD_TOKEN_ID)  # 50256 for GPT-2's BPE; 256 for ByteEncoding
     if any(len(t) == 0 for t in tokens):
         raise ValueError("An empty message encodes to no tokens; drop it before encoding.")
     max_length = max_length or max(len(t) for t in tokens)
-    ids = np.full((len(tokens), max_length), PAD_TOKEN_ID, np.int32)
+    ids = np.full((len(tokens), max_length), pad, np.int32)
     lengths = np.zeros(len(tokens), np.int32)
     for row, t in enumerate(tokens):
         t = t[:max_length]

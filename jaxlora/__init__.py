@@ -4,8 +4,6 @@ The public face; the implementation lives in `jaxlora._src`. Build a `Plan` once
 hand it to the other functions.
 """
 
-import warnings as _warnings
-
 from jaxlora import analysis, checkpoint, layers, loraplus, name_maps, peft_format, quantization
 from jaxlora._src.adapter_bank import BASE_MODEL, AdapterBank, adapter_bank, apply_bank
 from jaxlora._src.adapter_module import AdapterModule
@@ -82,10 +80,7 @@ __all__ = [
 
 def __getattr__(name: str):
     if name == "peft":  # jaxlora 0.1's name, which shadowed the `peft` package in users' namespaces
-        _warnings.warn(
-            "jaxlora.peft is now jaxlora.peft_format (the old name clashed with the `peft` package)",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return peft_format
+        import importlib
+
+        return importlib.import_module("jaxlora.peft")  # the shim module: it warns (DeprecationWarning) on import
     raise AttributeError(f"module 'jaxlora' has no attribute {name!r}")

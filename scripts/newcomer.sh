@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # A newcomer's first hour, automated. Clones the repository (default: this checkout's committed HEAD; or the
 # path or URL given as $1) into a temporary folder with no ../shared beside it, then runs the README's two
-# commands and every command of the README's bash blocks exactly as written, checking each against what the
-# README promises (offline: the documented fallbacks and one-line errors; online: real MNIST and real runs).
+# commands and every command of the bash blocks of README.md and the guides (docs/guides/*.md) exactly as written,
+# checking each against what the page promises (offline: the documented fallbacks and one-line errors; online: real MNIST and real runs).
 # Any deviation (an unexpected exit code, a traceback, a missing line, a README command this script has no
 # expectation for) makes it exit non-zero. Not part of .ci/run: it builds a fresh .venv (minutes of pip).
 #
@@ -46,9 +46,10 @@ else
   say "internet: no (expecting the documented offline fallbacks and one-line errors)"
 fi
 
-# Every command of the README's ```bash blocks, comments stripped, in order.
-mapfile -t commands < <(awk '/^```bash/{inside=1; next} /^```/{inside=0} inside' README.md | sed -e 's/[[:space:]]*#.*$//' -e '/^[[:space:]]*$/d')
-say "${#commands[@]} README commands: $(printf '[%s] ' "${commands[@]}")"
+# Every command of the ```bash blocks of the README and the guides, comments stripped, in order, each once.
+mapfile -t commands < <(awk '/^```bash/{inside=1; next} /^```/{inside=0} inside' README.md docs/guides/*.md |
+  sed -e 's/[[:space:]]*#.*$//' -e '/^[[:space:]]*$/d' | awk '!seen[$0]++')
+say "${#commands[@]} documented commands: $(printf '[%s] ' "${commands[@]}")"
 
 # check NAME LOG STATUS: what the README promises for the command NAME; prints why not, returns 1 on a deviation.
 expect() {
@@ -89,6 +90,14 @@ expect() {
         grep -q "^error: GPT-2's BPE tokenizer: .*--bpe-dir" "$err" || problems+=("no line naming the tokenizer and --bpe-dir")
         grep -q "^error: the SMS Spam Collection: .*--data-dir" "$err" || problems+=("no line naming the data and --data-dir")
       fi ;;
+    ".venv/bin/python examples/gpt2_spam.py --quick")
+      [ "$(count "--quick runs offline: byte tokens (not GPT-2's BPE) and synthetic SMS")" = 1 ] ||
+        problems+=("not one line saying that --quick runs offline on byte tokens and synthetic SMS")
+      has "Accuracy:" || problems+=("no accuracy line") ;;
+    ".venv/bin/python examples/llama_sft.py --quick")
+      [ "$(count "--quick runs offline: byte tokens (not GPT-2's BPE) and synthetic SMS")" = 1 ] ||
+        problems+=("not one line saying that --quick runs offline on byte tokens and synthetic SMS")
+      has "PEFT adapter:" || problems+=("no PEFT adapter line") ;;
     ".venv/bin/python examples/llama_sft.py")
       if [ "$online" = 1 ]; then
         has "PEFT adapter:" || problems+=("no PEFT adapter line")
@@ -100,9 +109,11 @@ expect() {
         grep -q "^error: the SMS Spam Collection: .*--data-dir" "$err" || problems+=("no line naming the data and --data-dir")
       fi ;;
     ".venv/bin/python examples/distributed.py --local-processes 2 --devices-per-process 2 --model-parallel 2")
-      has '"processes": 2' || problems+=("no summary of a 2-process run") ;;
+      has "Trained 20 steps on 2 processes, 4 devices" || problems+=("no summary of a 2-process run")
+      has "[Gloo]" && problems+=("gloo's connection lines in the output")
+      [ -f runs/distributed/summary.json ] || problems+=("no runs/distributed/summary.json") ;;
     ".venv/bin/python examples/distributed.py")
-      has '"processes": 1' || problems+=("no summary of a 1-process run") ;;
+      has "Trained 20 steps on 1 process, 1 device" || problems+=("no summary of a 1-process run") ;;
     ".venv/bin/python examples/multi_adapter.py" | ".venv/bin/python examples/multi_adapter.py --quick")
       has "Every row equals its adapter merged and run alone: True" || problems+=("the mixed batch differs from the rows alone") ;;
     *)

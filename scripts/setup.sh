@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Creates .venv (if missing) and installs jaxlora with the extra named in $1 ("examples" or "test").
+# Creates .venv (if missing) and installs jaxlora with the extra named in $1 ("examples", "test" or "docs").
 # Versions are pinned by scripts/constraints.txt (the set the tests last passed with).
 # pip runs only when pyproject.toml or the constraints changed since the last install of that extra (or of "test",
-# which includes "examples"): the install is editable, so code changes need none. pip's full output goes to .venv/pip.log.
+# which includes "examples", or of "docs", which includes "test"): the install is editable, so code changes need none. pip's full output goes to .venv/pip.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extra="${1:-examples}"
@@ -10,7 +10,8 @@ python="${PYTHON:-python3}"
 want="$(cat pyproject.toml scripts/constraints.txt | sha256sum | cut -d' ' -f1)"
 
 covers="$extra"
-[ "$extra" = examples ] && covers="examples test"
+[ "$extra" = examples ] && covers="examples test docs"
+[ "$extra" = test ] && covers="test docs"
 if [ -x .venv/bin/python ]; then
   for have in $covers; do
     if [ "$(cat ".venv/.installed-$have" 2>/dev/null)" = "$want" ]; then

@@ -39,16 +39,18 @@ def in_ci() -> bool:
 def _register_hypothesis_profiles() -> None:
     """Property tests draw 5 examples in the fast set and 10 under CI=true (HYPOTHESIS_PROFILE picks another).
 
-    Every example compiles its own shapes, so the count is what a property test costs. Examples are random on
-    every run, and a failing one is saved in .hypothesis/ and replayed first on the next run.
+    Every example compiles its own shapes, so the count is what a property test costs. In the dev profile examples
+    are random on every run (it keeps exploring), and a failing one is saved in .hypothesis/ and replayed first on
+    the next run. Under CI=true hypothesis is derandomized (each test draws the same examples every run, seeded by
+    the test's name) and reads no example database, so CI's verdict depends on the code alone.
     """
     try:
         from hypothesis import HealthCheck, settings
     except ImportError:  # the property tests then fail to import, which says so
         return
     common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
-    settings.register_profile("dev", max_examples=5, **common)
-    settings.register_profile("ci", max_examples=10, **common)
+    settings.register_profile("dev", max_examples=5, derandomize=False, **common)  # explicit: CI=true would inherit
+    settings.register_profile("ci", max_examples=10, derandomize=True, database=None, print_blob=True, **common)
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if in_ci() else "dev"))
 
 

@@ -25,3 +25,12 @@ def test_outside_ci_they_skip_and_present_ones_are_returned(monkeypatch):
         require_data(REPO / "no-such-file", "no data")
     assert require_module("json").dumps([1]) == "[1]"
     assert require_data(REPO, "the repo") == REPO
+
+
+def test_ci_profile_is_derandomized_and_reads_no_example_database():
+    """Under CI=true the verdict depends on the code alone: fixed examples, no replayed database; dev explores."""
+    from hypothesis import settings
+
+    ci, dev = settings.get_profile("ci"), settings.get_profile("dev")
+    assert ci.derandomize and ci.database is None
+    assert not dev.derandomize

@@ -9,6 +9,7 @@ import doctest
 import importlib
 import inspect
 import pkgutil
+import sys
 
 import flax.linen as nn
 import jax
@@ -253,7 +254,7 @@ def test_a_model_keyword_named_like_a_jaxlora_option_reaches_the_model():
 def _public_modules():
     yield jaxlora
     for info in pkgutil.walk_packages(jaxlora.__path__, "jaxlora."):
-        if "._" not in info.name:
+        if "._" not in info.name and info.name != "jaxlora.peft":  # jaxlora.peft: 0.1's deprecated alias
             yield importlib.import_module(info.name)
 
 
@@ -267,6 +268,7 @@ def test_no_public_module_shares_a_name_with_a_public_function():
     modules = {module.__name__.rpartition(".")[2] for module in _public_modules()}
     assert not modules & functions, modules & functions
     assert "peft" not in modules  # it would shadow the `peft` package in `from jaxlora import *` users
+    assert "peft" not in jaxlora.__all__  # the deprecated alias jaxlora.peft is not exported either
 
 
 def test_every_public_function_documents_args_and_has_a_runnable_example_that_runs():
@@ -292,7 +294,27 @@ def test_every_public_function_documents_args_and_has_a_runnable_example_that_ru
     assert runner.failures == 0 and runner.tries >= 15, (runner.failures, runner.tries)
 
 
-def test_the_old_peft_module_name_still_works_with_a_deprecation_warning():
-    with pytest.warns(DeprecationWarning, match="jaxlora.peft_format"):
-        from jaxlora import peft
-    assert peft.save_peft is jaxlora.peft_format.save_peft
+def _forget_the_old_peft_module(monkeypatch):
+    """As in a fresh process: jaxlora.peft not imported yet (the shim warns when it is first imported)."""
+    if "peft" in vars(jaxlora):  # not hasattr: jaxlora.__getattr__ would import the shim
+        monkeypatch.delattr(jaxlora, "peft")
+    monkeypatch.delitem(sys.modules, "jaxlora.peft", raising=False)
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "from jaxlora.peft import load_peft, save_peft",  # the forms the migration note promises
+        "import jaxlora.peft; load_peft, save_peft = jaxlora.peft.load_peft, jaxlora.peft.save_peft",
+        "from jaxlora import peft; load_peft, save_peft = peft.load_peft, peft.save_peft",
+        "import jaxlora; load_peft, save_peft = jaxlora.peft.load_peft, jaxlora.peft.save_peft",
+    ],
+)
+def test_the_old_peft_module_name_still_works_with_a_deprecation_warning(monkeypatch, statement):
+    _forget_the_old_peft_module(monkeypatch)
+    names = {}
+    with pytest.warns(DeprecationWarning, match=r"jaxlora.peft is now jaxlora.peft_format"):
+        exec(statement, names)
+    assert names["load_peft"] is jaxlora.peft_format.load_peft
+    assert names["save_peft"] is jaxlora.peft_format.save_peft
+    assert "peft" not in jaxlora.__all__  # `from jaxlora import *` never shadows the `peft` package

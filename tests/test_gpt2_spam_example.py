@@ -135,3 +135,17 @@ def test_quick_with_scanned_blocks_trains_one_adapter_per_layer(tmp_path, data_a
     # the same count as unscanned: per-layer adapters, 2 layers x rank 4 on the four block linears, plus the head
     assert metrics["trainable_params"] == 2 * 4 * ((32 + 96) + (32 + 32) + (32 + 128) + (128 + 32)) + 32 * 2
     assert "(2, 32, 4)" in (out / "lora_plan.txt").read_text()  # A of c_attn: (n_layer, in, r)
+
+
+@pytest.mark.slow
+def test_quick_with_nothing_at_hand_runs_offline_on_byte_tokens_and_synthetic_messages(tmp_path, offline, capsys):
+    """No network, no ../shared, no flags: --quick still runs end to end, and says in one line what it used."""
+    out = tmp_path / "run"
+    metrics = gpt2_spam.main(["--quick", "--out", str(out)])
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("--quick runs offline")]
+    assert said == [
+        "--quick runs offline: byte tokens (not GPT-2's BPE) and synthetic SMS; "
+        "pass --bpe-dir and --data-dir for the real ones."
+    ]
+    assert metrics["model"]["vocab_size"] == spam_data.ByteEncoding.n_vocab  # 257: bytes and <|endoftext|>
+    _check_outputs(out, metrics)

@@ -57,3 +57,23 @@ def test_offline_without_data_gives_one_line_per_missing_thing(tmp_path, offline
     assert "GPT-2's BPE tokenizer" in lines[0] and "--bpe-dir" in lines[0]
     assert "the SMS Spam Collection" in lines[1] and "--data-dir" in lines[1]
     assert not out.exists()  # nothing is started before the inputs are all there
+
+
+@pytest.mark.slow
+def test_quick_with_nothing_at_hand_runs_offline_on_byte_tokens_and_synthetic_messages(tmp_path, offline, capsys):
+    """No network, no ../shared, no flags: --quick trains and exports an adapter that PyTorch reproduces."""
+    example = load_example("llama_sft")
+    out = tmp_path / "run"
+    metrics = example.main(["--quick", "--out", str(out)])
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("--quick runs offline")]
+    assert said == [
+        "--quick runs offline: byte tokens (not GPT-2's BPE) and synthetic SMS; "
+        "pass --bpe-dir and --data-dir for the real ones."
+    ]
+    assert metrics["after"]["answer_loss"] < metrics["before"]["answer_loss"]
+    base = transformers.AutoModelForCausalLM.from_pretrained(out / "base", attn_implementation="eager")
+    model = peft.PeftModel.from_pretrained(base, str(out / "adapter")).eval()
+    probe = np.load(out / "probe.npz")
+    with torch.no_grad():
+        got = model(input_ids=torch.tensor(probe["ids"], dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(got, probe["logits"], atol=1e-4, rtol=0)

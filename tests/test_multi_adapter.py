@@ -480,14 +480,4 @@ def test_named_adapters_add_remove_select_and_checkpoint_each_on_its_own(tmp_pat
     assert set(plan.leaves) == set(entries[0][1].leaves)
 
 
-@pytest.mark.slow  # end to end (see pyproject.toml: --all and .ci/run run it)
-def test_the_readme_section_runs_as_written():
-    import re
-    from pathlib import Path
-
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("## Several adapters at once", 1)[1].split("\n## ", 1)[0]
-    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
-    namespace = {"__name__": "readme_multi_adapter"}
-    exec(compile(code, "README.md#several-adapters", "exec"), namespace)
-    assert namespace["y"].shape == (4, 10) and namespace["bank"].names == ("task0", "task1", "task2")
+# The bank snippet that the README held is now a cell of docs/guides/multi_adapter.md, run by every docs build.

@@ -210,3 +210,34 @@ def test_shardings_argument_places_adapters_or_names_what_is_wrong(tmp_path):
         lora_checkpoint.load_adapter(tmp_path / "adapter", params, shardings=tree)
     with pytest.raises(TypeError, match=r"shardings must be a jax.sharding.Sharding.*got list"):
         lora_checkpoint.load_adapter(tmp_path / "adapter", params, shardings=[device])
+
+
+def test_the_example_writes_under_runs_and_says_what_it_did_in_plain_words(tmp_path):
+    assert ex.parse_args([]).out == Path("runs/distributed")  # runs/ is gitignored, like every example's output
+    summary = {"processes": 2, "devices": 4, "mesh": {"data": 2, "model": 2}, "losses": [2.0] * 5 + [1.0] * 15,
+               "seconds_per_step": 0.0195}  # fmt: skip
+    said = ex.describe(summary, Path("runs/distributed"))
+    assert said.splitlines()[0] == (
+        "Trained 20 steps on 2 processes, 4 devices, mesh data 2 x model 2: loss 2.000 -> 1.000 "
+        "(mean of the first and last 5); 19.5 ms a step (median after the first, which compiles)."
+    )
+    assert "runs/distributed/: adapter/" in said and "{" not in said  # no bare JSON
+    log = tmp_path / "process-0.log"
+    log.write_text("[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1\nok\n")
+    assert ex.log_lines(log) == ["ok"]
+
+
+@pytest.mark.slow
+def test_the_example_on_two_local_processes_prints_a_summary_and_keeps_gloo_in_the_logs(tmp_path):
+    out = tmp_path / "run"
+    script = Path(ex.__file__)
+    done = subprocess.run(
+        [sys.executable, str(script), "--local-processes", "2", "--steps", "3", "--out", str(out)],
+        capture_output=True, text=True, timeout=TIMEOUT, env=_env(1),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "[Gloo]" not in done.stdout + done.stderr
+    assert "Trained 3 steps on 2 processes, 2 devices, mesh data 2 x model 1" in done.stdout
+    assert any("[Gloo]" in (out / "logs" / f"process-{i}.log").read_text() for i in range(2))  # kept, not lost
+    assert json.loads((out / "summary.json").read_text())["processes"] == 2
+    assert (out / "peft" / "adapter_config.json").is_file()

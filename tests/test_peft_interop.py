@@ -674,3 +674,20 @@ def test_scanned_gpt2_peft_to_jax_restacks_the_layers(tmp_path, gpt2_scanned):
     assert plan.leaves["h/attn/c_attn/kernel"].stacked_axes == 1
     got = jaxlora.apply_fn(model, plan, strict=True)({"params": params}, adapters, _tokens())
     np.testing.assert_allclose(got, want, atol=ATOL)
+
+
+def test_the_peft_names_that_lora_config_maps_are_fields_of_peft_lora_config():
+    """Each PEFT keyword LoraConfig translates is a real field of peft.LoraConfig (the independent reference)."""
+    from jaxlora._src.config import _PEFT_NAMES
+
+    peft_fields = {f.name for f in dataclasses.fields(peft.LoraConfig)}
+    assert set(_PEFT_NAMES) <= peft_fields, set(_PEFT_NAMES) - peft_fields
+    for name in ("r", "lora_alpha", "target_modules", "lora_dropout"):
+        with pytest.raises(TypeError, match=rf"unknown keyword '{name}': PEFT's {name} is jaxlora's"):
+            jaxlora.LoraConfig(**{name: getattr(peft.LoraConfig(), name)})
+
+
+def test_a_peft_adapter_config_given_to_from_dict_points_to_load_peft():
+    data = json.loads(json.dumps(peft.LoraConfig(r=4, target_modules=["fc1"]).to_dict(), default=str))
+    with pytest.raises(ValueError, match=r"PEFT's adapter_config.json names.*jaxlora.peft_format.load_peft"):
+        jaxlora.LoraConfig.from_dict(data)

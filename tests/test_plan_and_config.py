@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import re
 
 import jax
@@ -44,6 +46,41 @@ def test_config_round_trips_through_json_and_warns_on_unknown_keys():
     with pytest.warns(UserWarning, match=r"unknown keys \['from_the_future'\]"):
         again = jaxlora.LoraConfig.from_dict({**config.to_dict(), "from_the_future": 1})
     assert again == config
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value", "field"),
+    [
+        ("r", 4, "rank"),  # Hugging Face PEFT's names
+        ("lora_alpha", 8.0, "alpha"),
+        ("target_modules", ("dense/kernel",), "targets"),
+        ("lora_dropout", 0.1, "dropout"),
+        ("exclude_modules", ("head/kernel",), "exclude"),
+        ("init_lora_weights", "gaussian", "init"),
+        ("ranks", 4, "rank"),  # typos
+        ("alhpa", 2.0, "alpha"),
+        ("stacked_axis", {"h/.*": 1}, "stacked_axes"),
+        ("use_rs_lora", True, "use_rslora"),
+    ],
+)
+def test_an_unknown_keyword_names_itself_and_the_field_that_fixes_it(keyword, value, field):
+    """The refusal names the keyword and a field; that field, given the same value, builds the config."""
+    with pytest.raises(TypeError, match=rf"unknown keyword '{keyword}': .*\b{field}=") as err:
+        jaxlora.LoraConfig(**{keyword: value})
+    assert "unexpected keyword argument" not in str(err.value)  # not the bare dataclass error
+    assert getattr(jaxlora.LoraConfig(**{field: value}), field) is not None
+
+
+def test_unknown_keywords_without_a_near_field_list_the_fields_and_known_ones_still_work():
+    fields = r"LoraConfig's fields are rank, alpha, targets"
+    with pytest.raises(TypeError, match=rf"unknown keywords 'lora_alpha': .*alpha=.*; 'zzz': {fields}"):
+        jaxlora.LoraConfig(rank=4, lora_alpha=8, zzz=1)
+    with pytest.raises(TypeError, match=r"'bias': jaxlora adds no bias adapters.*modules_to_save"):
+        jaxlora.LoraConfig(bias="none")
+    with pytest.raises(TypeError, match=r"unknown keyword 'r': .*rank="):
+        dataclasses.replace(jaxlora.LoraConfig(), r=2)  # replace goes through the same check
+    assert jaxlora.LoraConfig(4, 8.0).alpha == 8.0  # positional arguments and the signature are unchanged
+    assert list(inspect.signature(jaxlora.LoraConfig).parameters)[:2] == ["rank", "alpha"]
 
 
 @pytest.mark.parametrize(

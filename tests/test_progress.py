@@ -34,6 +34,30 @@ def test_a_log_gets_a_line_every_few_seconds_and_one_at_the_end():
     assert "\r" not in log.getvalue()
 
 
+def test_the_time_left_leaves_out_the_first_step_which_compiles():
+    """A jitted loop's first step compiles (100 s here), the others take 0.125 s: 59 steps left are 7 s, not 144 s."""
+    clock, log = Clock(), io.StringIO()
+    with progress.Progress(100, "training", "step", every=5.0, tty=False, stream=log, clock=clock) as bar:
+        clock.now += 100.0
+        bar.update()
+        for _ in range(99):
+            clock.now += 0.125
+            bar.update()
+    lines = log.getvalue().splitlines()
+    assert lines[0] == "training: 1/100 steps (1%) in 100 s"  # no estimate yet: only the compiling step is timed
+    assert lines[1] == "training: 41/100 steps (41%) in 105 s, about 7 s left"
+
+
+def test_a_terminal_bar_rates_the_steps_after_the_first(monkeypatch):
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    with progress.Progress(10, "fine-tune", tty=True, leave=True) as bar:
+        bar.update()
+        assert (bar._bar.n, bar._bar.initial) == (1, 1)  # tqdm's clock restarted after the first step
+        bar.update(9)
+    assert "10/10" in err.getvalue()
+
+
 def test_short_work_in_a_log_prints_nothing_but_written_lines():
     clock, log = Clock(), io.StringIO()
     with progress.Progress(3, "quick", every=5.0, tty=False, stream=log, clock=clock) as bar:

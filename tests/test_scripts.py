@@ -71,17 +71,21 @@ def test_setup_installs_once_per_pyproject_and_shows_progress(tmp_path):
     test_extra = _setup(repo, "test")  # a wider extra installs once; then it covers "examples" too
     assert "jaxlora[test]" in test_extra.stdout and len(_pip_installs(repo)) == 3
     assert _setup(repo, "examples").stdout == "" and len(_pip_installs(repo)) == 3
+    docs_extra = _setup(repo, "docs")  # the docs extra includes the test extra: it covers both afterwards
+    assert "jaxlora[docs]" in docs_extra.stdout and len(_pip_installs(repo)) == 4
+    assert _setup(repo, "test").stdout == _setup(repo, "examples").stdout == "" and len(_pip_installs(repo)) == 4
+    assert _setup(repo, "docs").stdout == "" and len(_pip_installs(repo)) == 4
 
     (repo / "pyproject.toml").write_text('[project]\nname = "x"\nversion = "2"\n')
     changed = _setup(repo, "examples")
-    assert "pyproject.toml or scripts/constraints.txt changed" in changed.stdout and len(_pip_installs(repo)) == 4
+    assert "pyproject.toml or scripts/constraints.txt changed" in changed.stdout and len(_pip_installs(repo)) == 5
 
     with open(repo / "scripts" / "constraints.txt", "a") as constraints:
         constraints.write("jax==0.0.1\n")  # a new pin installs again
-    assert "changed" in _setup(repo, "examples").stdout and len(_pip_installs(repo)) == 5
+    assert "changed" in _setup(repo, "examples").stdout and len(_pip_installs(repo)) == 6
 
     (repo / "pyproject.toml").write_text('[project]\nname = "x"\nversion = "3"\n')
     failed = _setup(repo, "examples", FAKE_PIP_EXIT="1")
     assert failed.returncode == 1 and "pip failed" in failed.stderr and "Collecting jax" in failed.stderr
     assert _setup(repo, "examples").returncode == 0
-    assert len(_pip_installs(repo)) == 7  # a failed install is not recorded: the next run installs again
+    assert len(_pip_installs(repo)) == 8  # a failed install is not recorded: the next run installs again

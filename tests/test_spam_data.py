@@ -171,3 +171,21 @@ def test_offline_tokenizer_is_one_line_with_the_fix(monkeypatch, tmp_path):
         spam_data.gpt2_encoding()
     message = str(info.value)
     assert "\n" not in message and "offline" in message and "--bpe-dir" in message and spam_data.BPE_URL in message
+
+
+def test_byte_encoding_round_trips_and_pads_with_its_own_end_of_text():
+    encoding = spam_data.ByteEncoding()
+    text = "Free entry: £100!"
+    assert encoding.decode(encoding.encode_ordinary(text)) == text
+    assert list(b"Hi") == encoding.encode_ordinary("Hi")
+    split = spam_data.encode(encoding, [(0, "Hi"), (1, "Hello")])
+    assert split.ids.tolist() == [[72, 105, 256, 256, 256], list(b"Hello")]  # 256, inside the 257-token vocabulary
+    assert split.lengths.tolist() == [2, 5]
+
+
+def test_synthetic_splits_are_balanced_seeded_and_split_like_the_collection():
+    splits = spam_data.synthetic_splits(600, seed=1)
+    assert {name: len(rows) for name, rows in splits.items()} == {"train": 420, "validation": 60, "test": 120}
+    every = [row for rows in splits.values() for row in rows]
+    assert sum(label for label, _ in every) == 300 and all(text for _, text in every)
+    assert spam_data.synthetic_splits(600, seed=1) == splits != spam_data.synthetic_splits(600, seed=2)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import json
 import math
 import re
@@ -184,6 +186,11 @@ class LoraConfig:
             )
         known = {f.name for f in dataclasses.fields(cls)} - {"predicate"}
         unknown = sorted(set(data) - known)
+        if unknown and set(unknown) & {"r", "lora_alpha", "target_modules", "peft_type"}:
+            raise ValueError(
+                f"LoraConfig.from_dict: keys {unknown} are PEFT's adapter_config.json names, not a jaxlora config: "
+                "read a PEFT adapter with jaxlora.peft_format.load_peft(directory, params, name_map=...)"
+            )
         if unknown:
             warnings.warn(f"LoraConfig: ignoring unknown keys {unknown} (written by a newer jaxlora?)", stacklevel=2)
         return cls(**{k: v for k, v in data.items() if k in known})
@@ -200,6 +207,62 @@ class LoraConfig:
           ValueError: if `text` is not JSON, not a JSON object, or a field has the wrong type or value.
         """
         return cls.from_dict(json.loads(text))
+
+
+# Hugging Face PEFT's LoraConfig names that jaxlora spells otherwise (or does not have): keyword -> the fix.
+_PEFT_NAMES = {
+    "r": "PEFT's r is jaxlora's rank: LoraConfig(rank=...)",
+    "lora_alpha": "PEFT's lora_alpha is jaxlora's alpha: LoraConfig(alpha=...)",
+    "target_modules": (
+        "PEFT's target_modules is jaxlora's targets: LoraConfig(targets=...), regexes fully matched against "
+        "'/'-joined parameter paths, e.g. targets=(r'.*/(query|value)/kernel',)"
+    ),
+    "lora_dropout": "PEFT's lora_dropout is jaxlora's dropout: LoraConfig(dropout=...)",
+    "exclude_modules": "PEFT's exclude_modules is jaxlora's exclude: LoraConfig(exclude=...), regexes over paths",
+    "init_lora_weights": f"PEFT's init_lora_weights is jaxlora's init: LoraConfig(init=...), one of {_INITS}",
+    "bias": (
+        "jaxlora adds no bias adapters (PEFT's bias='none'); to train biases in full, "
+        "LoraConfig(modules_to_save=(r'.*/bias',))"
+    ),
+    "task_type": "a PEFT task type belongs to the file: jaxlora.peft_format.save_peft(..., task_type=...)",
+    "fan_in_fan_out": (
+        "flax kernels are (in, out) already; how torch stores a weight is the name map's business "
+        "(jaxlora.name_maps), and LoraConfig(fan_in_ndim=...) sets how many kernel axes are inputs"
+    ),
+    "layers_pattern": (
+        "jaxlora selects layers by regex: LoraConfig(layers_to_transform={regex: (indices...)}) for layers stacked "
+        "by a scan (with stacked_axes={regex: 1}); unrolled layers are chosen by the regexes in targets"
+    ),
+    "inference_mode": "a config has no inference mode: adapters train only when the optimizer updates them",
+}
+
+
+def _fields_hint(name: str, fields: list[str]) -> str:
+    """The fix for an unknown LoraConfig keyword: PEFT's name mapped, else the closest field, else the fields."""
+    if name in _PEFT_NAMES:
+        return _PEFT_NAMES[name]
+    close = difflib.get_close_matches(name, fields, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean {close[0]}=...?"
+    return f"LoraConfig's fields are {', '.join(fields)}"
+
+
+def _check_keywords(init):
+    """Wraps LoraConfig.__init__ so that an unknown keyword names itself and its fix, not the bare TypeError."""
+
+    @functools.wraps(init)
+    def checked_init(self, *args, **kwargs):
+        fields = [f.name for f in dataclasses.fields(type(self))]
+        unknown = [name for name in kwargs if name not in fields]
+        if unknown:
+            fixes = "; ".join(f"{name!r}: {_fields_hint(name, fields)}" for name in unknown)
+            raise TypeError(f"LoraConfig got unknown keyword{'s' if len(unknown) > 1 else ''} {fixes}")
+        init(self, *args, **kwargs)
+
+    return checked_init
+
+
+LoraConfig.__init__ = _check_keywords(LoraConfig.__init__)
 
 
 def _first_match(patterns: Mapping[str, Any], path: str, default: Any) -> Any:

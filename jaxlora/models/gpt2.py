@@ -44,6 +44,27 @@ from jaxlora.models.sampling import sample_token
 
 Params = dict[str, Any]
 
+__all__ = [
+    "GPT2",
+    "PEFT_NAME_MAP",
+    "PEFT_NAME_MAP_SCANNED",
+    "PRESETS",
+    "GPT2Classifier",
+    "GPT2Config",
+    "KVCache",
+    "apply_model",
+    "config_from_hf",
+    "generate",
+    "generate_greedy",
+    "init_cache",
+    "left_pad",
+    "load_hf_weights",
+    "stack_layers",
+    "torch_module_name",
+    "torch_param_name",
+    "unstack_layers",
+]
+
 _ACTIVATIONS = {
     "gelu_new": partial(nn.gelu, approximate=True),
     "gelu": partial(nn.gelu, approximate=False),
