@@ -257,3 +257,174 @@ def test_loftq_refuses_what_nf4_cannot_hold_by_name():
         jaxlora.init(jax.random.key(0), {"odd": {"kernel": jnp.ones((2, 64, 16))}}, stacked)
     with pytest.raises(ValueError, match="loftq_bits must be 4"):
         jaxlora.LoraConfig(init="loftq", loftq_bits=8)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# EVA
+
+
+def _eva_batches(count: int = 6, rows: int = 1024) -> list[np.ndarray]:
+    """Inputs with a decaying spectrum (well-separated leading directions) and a mean offset."""
+    rng = np.random.default_rng(5)
+    rotation, _ = np.linalg.qr(rng.standard_normal((SIZES[0], SIZES[0])))
+    spread = 3.0 * 0.6 ** np.arange(SIZES[0])
+    return [
+        ((rng.standard_normal((rows, SIZES[0])) * spread) @ rotation + 0.5).astype(np.float32) for _ in range(count)
+    ]
+
+
+def _peft_eva(params, batches, rank: int, alpha: float, rho: float):
+    """PEFT's EVA on the torch copy of the same MLP and the same batches: the PeftModel."""
+    from peft.tuners.lora.eva import initialize_lora_eva_weights
+
+    config = peft.LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=list(NAMES),
+        init_lora_weights="eva",
+        eva_config=peft.EvaConfig(rho=rho),
+    )
+    model = peft.get_peft_model(_torch_copy(params), config, low_cpu_mem_usage=True)
+    initialize_lora_eva_weights(
+        model,
+        [torch.tensor(b) for b in batches],
+        forward_fn=lambda m, x: m(x),
+        prepare_model_inputs_fn=None,
+        prepare_layer_inputs_fn=None,
+        show_progress_bar=False,
+    )
+    return model
+
+
+def _similarity(u: np.ndarray, v: np.ndarray) -> float:
+    """The smallest cosine of the principal angles between the row spaces of u (k, d) and v (k, d)."""
+    qu, _ = np.linalg.qr(u.T)
+    qv, _ = np.linalg.qr(v.T)
+    return float(np.linalg.svd(qu.T @ qv, compute_uv=False).min())
+
+
+@pytest.mark.parametrize("rho", [1.0, 2.0])
+def test_eva_directions_and_redistributed_ranks_match_peft_on_the_same_activations(tmp_path, rho):
+    """Same weights, same batches: each layer's A spans PEFT's leading directions (smallest principal-angle cosine
+    >= 0.99 over the leading min(r_ours, r_peft, 3) directions, each direction's |cos| >= 0.99 too), the ranks
+    PEFT redistributes are ours, and the PEFT file records the rank_pattern / alpha_pattern PEFT writes."""
+    model, params = _flax_mlp()
+    batches = _eva_batches()
+    config = jaxlora.LoraConfig(rank=4, alpha=8.0, init="eva", eva_rho=rho, targets=tuple(f"{n}/kernel" for n in NAMES))
+    plan = jaxlora.plan(params, config)
+    forward = jax.jit(lambda adapters, x: jaxlora.apply(model, {"params": params}, adapters, plan, x))
+    adapters, new_plan = jaxlora.init_eva(params, plan, forward, batches)
+    theirs = _peft_eva(params, batches, rank=4, alpha=8, rho=rho)
+
+    ranks = {}
+    for name in NAMES:
+        layer = getattr(theirs.base_model.model, name)
+        assert hasattr(layer, "lora_A"), name  # no layer lost its adapter here
+        their_a = layer.lora_A["default"].weight.detach().numpy()  # (r, in)
+        our_a = np.asarray(adapters[name]["kernel"]["lora_a"]).T
+        ranks[name] = (our_a.shape[0], their_a.shape[0])
+        k = min(3, *ranks[name])
+        assert _similarity(our_a[:k], their_a[:k]) >= 0.99, name
+        cosines = np.abs(np.sum(our_a[:k] * their_a[:k], axis=1))
+        assert (cosines >= 0.99).all(), (name, cosines)
+        assert not np.asarray(adapters[name]["kernel"]["lora_b"]).any()
+    assert all(ours == peft_rank for ours, peft_rank in ranks.values()), ranks
+    assert (len({r for r, _ in ranks.values()}) > 1) == (rho > 1), ranks  # redistributed unless rho = 1 caps it
+    assert sum(r for r, _ in ranks.values()) == 3 * 4
+
+    out = save_peft(tmp_path / "eva", params, adapters, new_plan)
+    written = json.loads((out / "adapter_config.json").read_text())
+    peft_config = theirs.peft_config["default"]
+    assert written["rank_pattern"] == peft_config.rank_pattern
+    assert written["alpha_pattern"] == peft_config.alpha_pattern
+    assert written["init_lora_weights"] == "eva" and written["eva_config"]["rho"] == rho
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = peft.PeftModel.from_pretrained(_torch_copy(params), str(out)).eval()
+    assert [str(w.message) for w in caught if "/peft/" in w.filename] == []
+    trained = _randomise(adapters, seed=4)
+    x = _x()
+    save_peft(tmp_path / "eva", params, trained, new_plan, overwrite=True)
+    loaded = peft.PeftModel.from_pretrained(_torch_copy(params), str(out)).eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            loaded(torch.tensor(x)).numpy(),
+            jaxlora.apply(model, {"params": params}, trained, new_plan, x),
+            atol=1e-4,
+        )
+
+
+def test_eva_on_scanned_gpt2_equals_eva_on_the_unscanned_model_layer_by_layer():
+    """nn.scan + jit: each stacked layer gets the directions and rank of the same layer in the unscanned model (a
+    stack holds the largest of its layers' ranks, the others padded with zero directions)."""
+    import dataclasses
+
+    from jaxlora.models import gpt2
+
+    config = gpt2.GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=2, dropout=0.0)
+    tokens = [np.random.default_rng(i).integers(0, 97, (4, 16)) for i in range(3)]
+    model = gpt2.GPT2(config)
+    params = model.init(jax.random.key(0), tokens[0])["params"]
+    scanned = gpt2.GPT2(dataclasses.replace(config, scan_layers=True))
+    stacked = gpt2.stack_layers(params, config.n_layer)
+    kinds = "(attn/c_attn|mlp/c_fc|mlp/c_proj)/kernel"
+    results = {}
+    for name, (net, base, lora) in {
+        "unscanned": (model, params, jaxlora.LoraConfig(rank=4, init="eva", targets=(rf"h_\d+/{kinds}",))),
+        "scanned": (
+            scanned,
+            stacked,
+            jaxlora.LoraConfig(rank=4, init="eva", targets=(f"h/{kinds}",), stacked_axes={"h/.*": 1}),
+        ),
+    }.items():
+        plan = jaxlora.plan(base, lora)
+        forward = jax.jit(
+            lambda adapters, t, net=net, base=base, plan=plan: jaxlora.apply(net, {"params": base}, adapters, plan, t)
+        )
+        results[name] = jaxlora.init_eva(base, plan, forward, tokens)
+    (flat, flat_plan), (stack, _) = results["unscanned"], results["scanned"]
+    ranks = {path: leaf.rank for path, leaf in flat_plan.leaves.items()}
+    assert len(set(ranks.values())) > 1, ranks
+    for module in ("attn/c_attn", "mlp/c_fc", "mlp/c_proj"):
+        outer, inner = module.split("/")
+        stack_a = np.asarray(stack["h"][outer][inner]["kernel"]["lora_a"])
+        assert stack_a.shape[-1] == max(ranks[f"h_{i}/{module}/kernel"] for i in range(2))
+        for i in range(2):
+            a = np.asarray(flat[f"h_{i}"][outer][inner]["kernel"]["lora_a"])
+            np.testing.assert_allclose(stack_a[i, :, : a.shape[1]], a, atol=1e-4)
+            assert not stack_a[i, :, a.shape[1] :].any()
+
+
+def test_eva_on_nnx_takes_the_principal_directions_of_each_layers_inputs():
+    """apply_nnx: A's columns are the leading eigenvectors of each layer's input covariance (numpy, float64)."""
+    from flax import nnx
+
+    class TwoLayer(nnx.Module):
+        def __init__(self, rngs):
+            self.hidden = nnx.Linear(16, 32, rngs=rngs)
+            self.out = nnx.Linear(32, 8, rngs=rngs)
+
+        def __call__(self, x):
+            return self.out(nnx.relu(self.hidden(x)))
+
+    module = TwoLayer(nnx.Rngs(0))
+    state = nnx.state(module, nnx.Param)
+    plan = jaxlora.plan(state, jaxlora.LoraConfig(rank=2, alpha=4.0, init="eva"))
+    data = [np.random.default_rng(i).standard_normal((64, 16)).astype(np.float32) for i in range(3)]
+    adapters, _ = jaxlora.init_eva(state, plan, lambda a, x: jaxlora.apply_nnx(module, a, plan, x), data)
+    x = np.concatenate(data).astype(np.float64)
+    hidden = np.maximum(x @ np.asarray(state["hidden"]["kernel"][...]) + np.asarray(state["hidden"]["bias"][...]), 0)
+    for name, inputs in (("hidden", x), ("out", hidden)):
+        _, vectors = np.linalg.eigh(np.cov(inputs.T))
+        a = np.asarray(adapters[name]["kernel"]["lora_a"])
+        cosines = np.abs(np.sum(a * vectors[:, ::-1][:, : a.shape[1]], axis=0))
+        assert (cosines > 0.999).all(), (name, cosines)
+
+
+def test_eva_is_refused_by_init_and_needs_the_layers_to_be_called():
+    model, params = _flax_mlp()
+    config = jaxlora.LoraConfig(rank=2, init="eva")
+    with pytest.raises(ValueError, match=r"call jaxlora\.init_eva"):
+        jaxlora.init(jax.random.key(0), params, config)
+    with pytest.raises(ValueError, match=r"never .or once. computed the layer of 'linear1/kernel'"):
+        jaxlora.init_eva(params, config, lambda adapters, x: model.apply({"params": params}, x), _eva_batches(2, 8))

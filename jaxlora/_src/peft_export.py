@@ -185,6 +185,22 @@ def as_plain_lora(plan: Plan, pairs: Mapping, initial: Mapping) -> tuple[Plan, d
     return new_plan, converted
 
 
+def _eva_entries(config: LoraConfig) -> dict[str, Any]:
+    """What PEFT records for an EVA adapter besides its rank_pattern / alpha_pattern: the init and its EvaConfig
+    (jaxlora's EVA: PEFT's defaults but rho, no label mask, no whitening, scaling factors adjusted)."""
+    if config.init != "eva":
+        return {}
+    eva_config = {
+        "rho": _peft_number(config.eva_rho),
+        "tau": 0.99,
+        "use_label_mask": False,
+        "label_mask_value": -100,
+        "whiten": False,
+        "adjust_scaling_factors": True,
+    }
+    return {"init_lora_weights": "eva", "eva_config": eva_config}
+
+
 def _peft_config(config: LoraConfig, entries: Mapping[str, Any], saved_modules: list[str], **extra: Any) -> dict:
     """adapter_config.json for a plain LoRA adapter."""
     return {
@@ -283,7 +299,12 @@ def save_peft(
     tensors, entries = _adapter_tensors(resolved, pairs, torch_name, names)
     saved, saved_modules = _saved_tensors(resolved, params, torch_name, names)
     peft_config = _peft_config(
-        resolved.config, entries, saved_modules, task_type=task_type, base_model_name_or_path=base_model_name_or_path
+        resolved.config,
+        entries,
+        saved_modules,
+        task_type=task_type,
+        base_model_name_or_path=base_model_name_or_path,
+        **_eva_entries(resolved.config),
     )
     directory = Path(directory).expanduser().absolute()
     with shared_atomic_directory(directory, overwrite) as tmp:
