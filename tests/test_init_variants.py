@@ -114,7 +114,31 @@ def test_olora_stacked_layers_each_get_their_own_qr_and_unselected_layers_keep_w
     np.testing.assert_allclose(residual["stack"]["kernel"] + scale * pair["lora_a"] @ pair["lora_b"], w, atol=2e-5)
 
 
-@pytest.mark.parametrize("init", ["olora", "pissa"])
+def test_olora_on_nnx_state_returns_the_residual_and_the_module_computes_the_base_model():
+    from flax import nnx
+
+    class TwoLayer(nnx.Module):
+        def __init__(self, rngs):
+            self.hidden = nnx.Linear(16, 32, rngs=rngs)
+            self.out = nnx.Linear(32, 8, rngs=rngs)
+
+        def __call__(self, x):
+            return self.out(nnx.relu(self.hidden(x)))
+
+    module = TwoLayer(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(2), (5, 16))
+    base = module(x)
+    state = nnx.state(module, nnx.Param)
+    config = jaxlora.LoraConfig(rank=4, alpha=8.0, init="olora")
+    residual, adapters = jaxlora.init(jax.random.key(1), state, config)
+    q, r = np.linalg.qr(np.asarray(state["out"]["kernel"][...]).T)
+    np.testing.assert_allclose(adapters["out"]["kernel"]["lora_b"], q[:, :4].T, atol=2e-5)
+    np.testing.assert_allclose(adapters["out"]["kernel"]["lora_a"], r[:4].T, atol=2e-5)
+    nnx.update(module, residual)
+    np.testing.assert_allclose(jaxlora.apply_nnx(module, adapters, config, x), base, atol=1e-4)
+
+
+@pytest.mark.parametrize("init", ["olora", pytest.param("pissa", marks=pytest.mark.slow)])
 def test_trained_residual_adapters_export_as_peft_converts_them_and_load_back(tmp_path, init):
     """PEFT's path_initial_model_for_weight_conversion: [A | A0], [B ; -B0] at rank 2r over the ORIGINAL weights.
     The file equals the one PEFT writes for the same trained factors; PEFT and jaxlora load it onto the original
@@ -212,7 +236,7 @@ def _loftq_params():
     return model, params
 
 
-@pytest.mark.parametrize("iterations", [1, 3])
+@pytest.mark.parametrize("iterations", [1, pytest.param(3, marks=pytest.mark.slow)])
 def test_loftq_error_after_k_iterations_matches_the_papers_algorithm_in_numpy(iterations):
     """‖W - (Q + s·A B)‖ after k steps within 1% of a plain-numpy LoftQ (float64, the same NF4 table and blocks;
     PEFT's own LoftQ needs bitsandbytes on a CUDA device, not available here); the base comes back as NF4 codes."""
@@ -303,7 +327,7 @@ def _similarity(u: np.ndarray, v: np.ndarray) -> float:
     return float(np.linalg.svd(qu.T @ qv, compute_uv=False).min())
 
 
-@pytest.mark.parametrize("rho", [1.0, 2.0])
+@pytest.mark.parametrize("rho", [pytest.param(1.0, marks=pytest.mark.slow), 2.0])
 def test_eva_directions_and_redistributed_ranks_match_peft_on_the_same_activations(tmp_path, rho):
     """Same weights, same batches: each layer's A spans PEFT's leading directions (smallest principal-angle cosine
     >= 0.99 over the leading min(r_ours, r_peft, 3) directions, each direction's |cos| >= 0.99 too), the ranks
@@ -354,6 +378,7 @@ def test_eva_directions_and_redistributed_ranks_match_peft_on_the_same_activatio
         )
 
 
+@pytest.mark.slow
 def test_eva_on_scanned_gpt2_equals_eva_on_the_unscanned_model_layer_by_layer():
     """nn.scan + jit: each stacked layer gets the directions and rank of the same layer in the unscanned model (a
     stack holds the largest of its layers' ranks, the others padded with zero directions)."""

@@ -69,6 +69,7 @@ class LoraConfig:
         trainable magnitude m (initialised to ‖W‖) stored as a third adapter entry "magnitude".
       loftq_iter: LoftQ's alternating steps (PEFT's `loftq_config["loftq_iter"]`, default 1).
       loftq_bits: LoftQ's code width; 4 (NF4, jaxlora.quantization's format) is the only one.
+      loftq_block_size: LoftQ's NF4 block length along the input features (QLoRA's 64, as `quantize`).
       eva_rho: EVA's rho >= 1 (PEFT's `EvaConfig.rho`): a layer may get up to round(rho x its rank) directions.
 
     Example:
@@ -96,6 +97,7 @@ class LoraConfig:
     use_dora: bool = False
     loftq_iter: int = 1
     loftq_bits: int = 4
+    loftq_block_size: int = 64
     eva_rho: float = 2.0
 
     def __post_init__(self) -> None:
@@ -148,6 +150,12 @@ class LoraConfig:
                 f"LoraConfig.loftq_bits must be 4 (LoftQ quantizes to jaxlora.quantization's NF4), "
                 f"got {self.loftq_bits!r}"
             )
+        if (
+            isinstance(self.loftq_block_size, bool)
+            or not isinstance(self.loftq_block_size, int)
+            or (self.loftq_block_size < 1)
+        ):
+            raise ValueError(f"LoraConfig.loftq_block_size must be a positive int, got {self.loftq_block_size!r}")
         if not _is_number(self.eva_rho) or not self.eva_rho >= 1.0:
             raise ValueError(f"LoraConfig.eva_rho must be a number >= 1 (PEFT's EvaConfig.rho), got {self.eva_rho!r}")
 

@@ -56,7 +56,8 @@ def loftq_factors(
 
 
 def loftq_pair(weight: jax.Array, leaf: LeafPlan, config: LoraConfig) -> tuple[Any, dict[str, jax.Array]]:
-    """The NF4 base and `{"lora_a", "lora_b"}` of one planned leaf (see `loftq_factors`).
+    """The NF4 base (blocks of `config.loftq_block_size`) and `{"lora_a", "lora_b"}` of one planned leaf (see
+    `loftq_factors`).
 
     Raises:
       ValueError: naming the leaf, for what an NF4 base cannot hold: stacked or n-D kernels, DoRA, or an input
@@ -71,11 +72,13 @@ def loftq_pair(weight: jax.Array, leaf: LeafPlan, config: LoraConfig) -> tuple[A
         )
     if leaf.use_dora:
         raise ValueError(f"init='loftq' on {path!r}: DoRA on a quantized base is not supported; use use_dora=False")
-    if leaf.fan_in % DEFAULT_BLOCK_SIZE:
+    block = config.loftq_block_size
+    if leaf.fan_in % block:
         raise ValueError(
-            f"init='loftq' quantizes {path!r} in NF4 blocks of {DEFAULT_BLOCK_SIZE} input features, and its "
-            f"{leaf.fan_in} input features are not a multiple of {DEFAULT_BLOCK_SIZE}: leave it out of the targets"
+            f"init='loftq' quantizes {path!r} in NF4 blocks of {block} input features (loftq_block_size), and its "
+            f"{leaf.fan_in} input features are not a multiple of {block}: set loftq_block_size to a divisor of "
+            f"{leaf.fan_in}, or leave the leaf out of the targets"
         )
-    q, a, b = loftq_factors(weight, leaf.rank, leaf.scale, config.loftq_iter, DEFAULT_BLOCK_SIZE, path)
+    q, a, b = loftq_factors(weight, leaf.rank, leaf.scale, config.loftq_iter, block, path)
     dtype = jnp.promote_types(leaf.dtype, jnp.float32)
     return q, {"lora_a": a.astype(dtype), "lora_b": b.astype(dtype)}
