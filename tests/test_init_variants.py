@@ -3,6 +3,7 @@ weights (OLoRA, EVA) or a plain-numpy LoftQ from the paper's algorithm (PEFT's L
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import warnings
@@ -270,6 +271,23 @@ def test_loftq_more_iterations_lower_the_error_and_the_adapted_model_runs_on_the
     np.testing.assert_allclose(adapted, model.apply({"params": merged}, x), atol=1e-4)
     out = save_peft(tmp_path / "loftq", quantized, adapters, config)  # plain LoRA over the LoftQ base
     assert json.loads((out / "adapter_config.json").read_text())["init_lora_weights"] is True
+
+
+def test_adapter_checkpoints_of_a_loftq_base_fingerprint_its_codes_and_refuse_the_float_weights(tmp_path):
+    """The base's content checksum covers an NF4 leaf's codes and scales: the LoftQ base loads, W itself is refused."""
+    from jaxlora import checkpoint
+
+    _, params = _loftq_params()
+    config = jaxlora.LoraConfig(rank=4, init="loftq")
+    quantized, adapters = jaxlora.init(jax.random.key(1), params, config)
+    checkpoint.save_adapter(tmp_path / "adapter", quantized, adapters, config)
+    _, loaded, plan = checkpoint.load_adapter(tmp_path / "adapter", quantized)
+    assert plan.config == config
+    np.testing.assert_array_equal(loaded["linear1"]["kernel"]["lora_a"], adapters["linear1"]["kernel"]["lora_a"])
+    other, _ = jaxlora.init(jax.random.key(1), params, dataclasses.replace(config, loftq_iter=2))
+    for wrong in (params, other):
+        with pytest.raises(ValueError, match=r"instead of the residual or NF4 base jaxlora\.init returned"):
+            checkpoint.load_adapter(tmp_path / "adapter", wrong)
 
 
 def test_loftq_refuses_what_nf4_cannot_hold_by_name():
