@@ -471,3 +471,45 @@ def test_eva_is_refused_by_init_and_needs_the_layers_to_be_called():
         jaxlora.init(jax.random.key(0), params, config)
     with pytest.raises(ValueError, match=r"never .or once. computed the layer of 'linear1/kernel'"):
         jaxlora.init_eva(params, config, lambda adapters, x: model.apply({"params": params}, x), _eva_batches(2, 8))
+
+
+@pytest.mark.slow
+def test_eva_on_an_nnx_scanned_llama_equals_eva_on_the_unscanned_layers():
+    """nnx.scan: the stacked Llama layers get the directions and ranks of the same layers unscanned."""
+    from flax import nnx
+
+    from jaxlora.models import llama
+
+    config = llama.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+    )
+    tokens = [jnp.asarray(np.random.default_rng(i).integers(0, 64, (2, 12))) for i in range(3)]
+    flat_module = llama.Llama(config, scan_layers=False, rngs=nnx.Rngs(0))
+    scanned_module = llama.Llama(config, scan_layers=True, rngs=nnx.Rngs(1))
+    nnx.update(scanned_module, llama.stack_layers(nnx.to_pure_dict(nnx.state(flat_module, nnx.Param))))
+    results = {}
+    for name, module, lora in (
+        ("flat", flat_module, jaxlora.LoraConfig(rank=4, init="eva", targets=(llama.PEFT_TARGETS,))),
+        (
+            "scanned",
+            scanned_module,
+            jaxlora.LoraConfig(
+                rank=4, init="eva", targets=(llama.PEFT_TARGETS_SCANNED,), stacked_axes=llama.STACKED_AXES
+            ),
+        ),
+    ):
+        state = nnx.state(module, nnx.Param)
+        plan = jaxlora.plan(state, lora)
+        results[name] = jaxlora.init_eva(
+            state, plan, lambda a, t, module=module, plan=plan: jaxlora.apply_nnx(module, a, plan, t), tokens
+        )
+    (flat, flat_plan), (stacked, _) = results["flat"], results["scanned"]
+    ranks = {path: leaf.rank for path, leaf in flat_plan.leaves.items()}
+    assert len(set(ranks.values())) > 1, ranks
+    for group, proj in (("mlp", "down_proj"), ("mlp", "up_proj"), ("self_attn", "o_proj")):
+        stack_a = np.asarray(stacked["layers"][group][proj]["kernel"]["lora_a"])
+        for i in range(2):
+            a = np.asarray(flat["layers"][str(i)][group][proj]["kernel"]["lora_a"])
+            assert a.shape[1] == ranks[f"layers/{i}/{group}/{proj}/kernel"]
+            np.testing.assert_allclose(stack_a[i, :, : a.shape[1]], a, atol=1e-4)
+            assert not stack_a[i, :, a.shape[1] :].any()
