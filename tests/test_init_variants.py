@@ -257,6 +257,7 @@ def test_loftq_error_after_k_iterations_matches_the_papers_algorithm_in_numpy(it
         assert reference < np.linalg.norm(w - _nf4_numpy(w))  # the adapters do take up some quantization error
 
 
+@pytest.mark.slow
 def test_loftq_more_iterations_lower_the_error_and_the_adapted_model_runs_on_the_nf4_base(tmp_path):
     model, params = _loftq_params()
     errors = []
@@ -273,6 +274,7 @@ def test_loftq_more_iterations_lower_the_error_and_the_adapted_model_runs_on_the
     assert json.loads((out / "adapter_config.json").read_text())["init_lora_weights"] is True
 
 
+@pytest.mark.slow
 def test_adapter_checkpoints_of_a_loftq_base_fingerprint_its_codes_and_refuse_the_float_weights(tmp_path):
     """The base's content checksum covers an NF4 leaf's codes and scales: the LoftQ base loads, W itself is refused."""
     from jaxlora import checkpoint
@@ -438,6 +440,7 @@ def test_eva_on_scanned_gpt2_equals_eva_on_the_unscanned_model_layer_by_layer():
             assert not stack_a[i, :, a.shape[1] :].any()
 
 
+@pytest.mark.slow
 def test_eva_on_nnx_takes_the_principal_directions_of_each_layers_inputs():
     """apply_nnx: A's columns are the leading eigenvectors of each layer's input covariance (numpy, float64)."""
     from flax import nnx
