@@ -17,8 +17,10 @@ With `--inits`, the comparison is of initialisations on the NF4 base instead: th
 (the reference), the NF4 base with kaiming adapters (QLoRA), and LoftQ (`LoraConfig(init="loftq")`: the block
 kernels' NF4 codes and the adapters chosen together, `--loftq-iter` steps each; the embedding tables quantized as in
 the kaiming run), same batches. For each NF4 run it reports the gap to the float32 run's validation loss before
-training (the quantization error the init leaves) and after `--steps` steps, the gap of the mean last training
-losses, and the mean ‖W - (Q + s·A B)‖/‖W‖ over the block kernels at init.
+training and after `--steps` steps, the gap of the mean last training losses, and, for the start itself (the
+quantization error the init leaves), the gap of the base's causal-LM loss on the validation texts (Q + s·A B merged,
+the classifier head left out: the "before" classification loss is dominated by the new random head) and the mean
+‖W - (Q + s·A B)‖/‖W‖ over the block kernels.
 """
 
 from __future__ import annotations
@@ -36,13 +38,14 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
 import jaxlora
 from jaxlora import quantization
 from jaxlora._src.paths import leaves_with_paths
-from jaxlora.models import GPT2Classifier
+from jaxlora.models import GPT2, GPT2Classifier
 
 # The NF4 base's loss may differ from the float32 base's by at most ABS + REL x the float32 loss (in nats), for
 # both the mean of the last training losses and the validation loss. QLoRA reports NF4 matching 16-bit bases.
@@ -159,6 +162,30 @@ def _reconstruction_error(params, base, adapters, plan) -> float:
     return float(np.mean(errors))
 
 
+def _lm_loss(gpt_config, params, split, batch_size: int, max_batches: int) -> float:
+    """The base's causal-LM loss (nats per predicted token) on the first texts of `split`: how far a start's
+    weights (Q + s·A B merged, the head left out) are from the pretrained language model."""
+    ex = _example()
+    lm = GPT2(gpt_config)
+    body = {k: v for k, v in params.items() if k != "head"}
+
+    @jax.jit
+    def nll(ids, lengths):
+        logits = lm.apply({"params": body}, ids)[:, :-1]
+        targets = ids[:, 1:]
+        real = jnp.arange(targets.shape[1])[None, :] < (lengths[:, None] - 1)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+        return jnp.sum(jnp.where(real, losses, 0.0)), jnp.sum(real)
+
+    total = count = 0.0
+    for i, batch in enumerate(ex.batches(split, batch_size)):
+        if i == max_batches:
+            break
+        loss, n = nll(jnp.asarray(batch.ids), jnp.asarray(batch.lengths))
+        total, count = total + float(loss), count + float(n)
+    return total / count
+
+
 def run_inits(args: argparse.Namespace) -> dict[str, Any]:
     """Kaiming on the float32 base, kaiming on the NF4 base, and LoftQ (per --loftq-iter): gaps to float32."""
     recipe, data, gpt_config, model, params, plan = _setup(args)
@@ -174,6 +201,10 @@ def run_inits(args: argparse.Namespace) -> dict[str, Any]:
     for name, (base, adapters) in starts.items():
         runs[name] = train(recipe, model, plan, params, base, data, args.steps, args.eval_batches, adapters, True)
         runs[name]["init_reconstruction_error"] = _reconstruction_error(params, base, adapters, plan)
+        merged = jaxlora.merge(quantization.dequantize_params(base), adapters, plan)
+        runs[name]["lm_loss_at_init"] = _lm_loss(
+            gpt_config, merged, data["validation"], recipe.batch_size, args.eval_batches or 10**9
+        )
     window = min(args.window, args.steps)
     reference = runs["float32 + kaiming"]
     mean_last = {name: float(np.mean(r["losses"][-window:])) for name, r in runs.items()}
@@ -183,6 +214,7 @@ def run_inits(args: argparse.Namespace) -> dict[str, Any]:
             "val_loss_gap_after": r["val_loss"] - reference["val_loss"],
             f"last_{window}_train_loss_gap": mean_last[name] - mean_last["float32 + kaiming"],
             "init_reconstruction_error": r["init_reconstruction_error"],
+            "lm_loss_gap_at_init": r["lm_loss_at_init"] - reference["lm_loss_at_init"],
         }
         for name, r in runs.items()
         if name != "float32 + kaiming"
@@ -203,6 +235,7 @@ def run_inits(args: argparse.Namespace) -> dict[str, Any]:
         "gaps_to_float32": gaps,
         "float32": {
             "val_loss_before": reference["val_loss_before"],
+            "lm_loss_at_init": reference["lm_loss_at_init"],
             "val_loss_after": reference["val_loss"],
             f"mean_last_{window}_train_loss": mean_last["float32 + kaiming"],
         },

@@ -516,3 +516,21 @@ def test_eva_on_an_nnx_scanned_llama_equals_eva_on_the_unscanned_layers():
             assert a.shape[1] == ranks[f"layers/{i}/{group}/{proj}/kernel"]
             np.testing.assert_allclose(stack_a[i, :, : a.shape[1]], a, atol=1e-4)
             assert not stack_a[i, :, a.shape[1] :].any()
+
+
+def test_the_readme_section_runs_and_quotes_the_loftq_results_file():
+    """README's "Choosing an initialisation": its snippet runs as written and its figures are the results file's."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    section = (root / "README.md").read_text().split("## Choosing an initialisation", 1)[1].split("\n## ", 1)[0]
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    namespace = {"__name__": "readme"}
+    exec(compile(code, "README.md#choosing-an-initialisation", "exec"), namespace)
+    assert namespace["plan"].config.init == "eva" and namespace["adapters"]["kernel"]["lora_a"].shape[0] == 32
+    gaps = json.loads((root / "benchmarks" / "results" / "loftq_quality.json").read_text())["gaps_to_float32"]
+    text = " ".join(section.split())
+    for name in ("nf4 + kaiming", "nf4 + loftq (loftq_iter=1)", "nf4 + loftq (loftq_iter=5)"):
+        for key in ("lm_loss_gap_at_init", "init_reconstruction_error", "val_loss_gap_after"):
+            assert f"{gaps[name][key]:.4f}" in text, (name, key)
