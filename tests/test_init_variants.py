@@ -404,7 +404,7 @@ def test_eva_directions_and_redistributed_ranks_match_peft_on_the_same_activatio
 
 
 @pytest.mark.slow
-def test_eva_on_scanned_gpt2_equals_eva_on_the_unscanned_model_layer_by_layer():
+def test_eva_on_scanned_gpt2_equals_eva_on_the_unscanned_model_layer_by_layer(tmp_path):
     """nn.scan + jit: each stacked layer gets the directions and rank of the same layer in the unscanned model (a
     stack holds the largest of its layers' ranks, the others padded with zero directions)."""
     import dataclasses
@@ -443,6 +443,17 @@ def test_eva_on_scanned_gpt2_equals_eva_on_the_unscanned_model_layer_by_layer():
             a = np.asarray(flat[f"h_{i}"][outer][inner]["kernel"]["lora_a"])
             np.testing.assert_allclose(stack_a[i, :, : a.shape[1]], a, atol=1e-4)
             assert not stack_a[i, :, a.shape[1] :].any()
+    # PEFT keeps one rank per module: the stack's zero padding is not written, the ranks are the unscanned ones
+    written = {}
+    for name, (adapters, plan), base, name_map in (
+        ("flat", results["unscanned"], params, gpt2.PEFT_NAME_MAP),
+        ("stack", results["scanned"], stacked, gpt2.PEFT_NAME_MAP_SCANNED),
+    ):
+        out = save_peft(tmp_path / name, base, adapters, plan, name_map=name_map)
+        written[name] = json.loads((out / "adapter_config.json").read_text())
+    for key in ("rank_pattern", "alpha_pattern", "r", "lora_alpha"):
+        assert written["stack"][key] == written["flat"][key], key
+    assert len(written["flat"]["rank_pattern"]) > 0
 
 
 @pytest.mark.slow

@@ -92,16 +92,20 @@ def _adapter_tensors(plan: Plan, pairs: Mapping, torch_name: TorchName, names: l
     for path, leaf in plan.leaves.items():
         template, layout = torch_name(path)
         for name, pair in _per_layer(path, leaf, pairs[path], template):
+            rank, alpha = leaf.rank, leaf.alpha
+            if config.init == "eva" and leaf.stacked_axes and not config.use_rslora:
+                pair, rank = _eva_layer_rank(pair)
+                alpha = leaf.scale * rank  # PEFT's EVA alpha x new_rank / r: the scale alpha / r is kept
             for suffix, tensor in _lora_tensors(pair, layout, path).items():
                 tensors[f"{PREFIX}{name}.{suffix}"] = tensor
             if "magnitude" in pair:
                 tensors[f"{PREFIX}{name}.{MAGNITUDE_KEY}"] = _magnitude_tensor(pair, layout, path)
             targets.append(name)
             layouts.add(layout)
-            if leaf.rank != config.rank:
-                rank_pattern[_pattern_key(name, names)] = leaf.rank
-            if leaf.alpha != config.alpha:
-                alpha_pattern[_pattern_key(name, names)] = _peft_number(leaf.alpha)
+            if rank != config.rank:
+                rank_pattern[_pattern_key(name, names)] = rank
+            if alpha != config.alpha:
+                alpha_pattern[_pattern_key(name, names)] = _peft_number(alpha)
         peft_scale = leaf.alpha / (math.sqrt(leaf.rank) if config.use_rslora else leaf.rank)
         if not math.isclose(peft_scale, leaf.scale, rel_tol=1e-6):
             raise RuntimeError(f"PEFT would scale {path!r} by {peft_scale}, jaxlora by {leaf.scale}: please report")
@@ -112,6 +116,17 @@ def _adapter_tensors(plan: Plan, pairs: Mapping, torch_name: TorchName, names: l
         "fan_in_fan_out": "conv1d" in layouts,
     }
     return tensors, entries
+
+
+def _eva_layer_rank(pair: Mapping) -> tuple[dict, int]:
+    """One layer of an EVA stack without its trailing zero directions (A column and B row both zero: padding up to
+    the stack's rank, which training keeps at zero), and its own rank, as PEFT keeps one rank per module."""
+    a, b = np.asarray(pair["lora_a"]), np.asarray(pair["lora_b"])
+    rank = a.shape[-1]
+    a2, b2 = a.reshape(-1, rank), b.reshape(rank, -1)
+    used = np.flatnonzero(np.any(a2 != 0, axis=0) | np.any(b2 != 0, axis=1))
+    keep = int(used[-1]) + 1 if used.size else 1
+    return {"lora_a": a[..., :keep], "lora_b": b[:keep]}, keep
 
 
 def _per_layer(path: str, leaf: LeafPlan, pair: Mapping, template: str) -> list[tuple[str, dict]]:
