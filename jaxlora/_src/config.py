@@ -19,8 +19,6 @@ ALL_EMBEDDINGS = r"(.*/)?embedding"
 
 InitKind = Literal["kaiming", "gaussian", "pissa", "olora", "loftq", "eva"]
 _INITS = ("kaiming", "gaussian", "pissa", "olora", "loftq", "eva")
-# Inits whose adapters are relative to a changed base that `jaxlora.init` returns (residual or quantized).
-BASE_CHANGING_INITS = ("pissa", "olora", "loftq")
 
 
 def _as_tuple(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
