@@ -10,6 +10,7 @@ from jaxlora._src.adapter_module import AdapterModule
 from jaxlora._src.builtin_layers import register_builtin_layers as _register_builtin_layers
 from jaxlora._src.combinations import weighted_cat, weighted_linear, weighted_svd
 from jaxlora._src.config import ALL_EMBEDDINGS, ALL_KERNELS, LoraConfig
+from jaxlora._src.eva import init_eva
 from jaxlora._src.finiteness import all_finite, nonfinite_paths
 from jaxlora._src.immutable import FrozenMapping
 from jaxlora._src.initializers import init
@@ -55,6 +56,7 @@ __all__ = [
     "count_params",
     "dora_norms",
     "init",
+    "init_eva",
     "labels",
     "layers",
     "lora_linear",

@@ -572,7 +572,7 @@ def test_export_refuses_pissa_and_existing_directories(mlp_adapter):
     directory, base = mlp_adapter
     config = jaxlora.LoraConfig(rank=2, targets=(r"linear1/kernel",), init="pissa")
     residual, adapters = jaxlora.init(jax.random.key(0), base, config)
-    with pytest.raises(ValueError, match=re.escape("PiSSA adapters are relative to the residual base")):
+    with pytest.raises(ValueError, match=re.escape("init='pissa' adapters are relative to the residual base")):
         save_peft(directory.parent / "pissa", residual, adapters, config)
     assert not (directory.parent / "pissa").exists()
     plain = jaxlora.LoraConfig(rank=2, targets=(r"linear1/kernel",))

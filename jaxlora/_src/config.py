@@ -19,8 +19,8 @@ ALL_KERNELS = r"(.*/)?kernel"
 # Every leaf named `embedding` (flax Embed tables).
 ALL_EMBEDDINGS = r"(.*/)?embedding"
 
-InitKind = Literal["kaiming", "gaussian", "pissa"]
-_INITS = ("kaiming", "gaussian", "pissa")
+InitKind = Literal["kaiming", "gaussian", "pissa", "olora", "loftq", "eva"]
+_INITS = ("kaiming", "gaussian", "pissa", "olora", "loftq", "eva")
 
 
 def _as_tuple(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
@@ -49,7 +49,9 @@ class LoraConfig:
       alpha: the scale numerator: s = alpha / r (alpha / sqrt(r) with `use_rslora`).
       targets: regexes of the leaves that get adapters (default: every `kernel`).
       exclude: regexes removed from `targets`.
-      init: "kaiming" (PEFT's default), "gaussian" (the paper's, `init_std`) or "pissa" (top-r SVD of W).
+      init: "kaiming" (PEFT's default), "gaussian" (the paper's, `init_std`), "pissa" (top-r SVD of W), "olora"
+        (QR of W), "loftq" (alternating NF4 quantization and SVD of the error: returns the quantized base) or "eva"
+        (SVD of the layers' inputs over data: `jaxlora.init_eva`). pissa/olora/loftq return a changed base.
       init_std: the Gaussian's standard deviation (default 1/r).
       use_rslora: scale by alpha / sqrt(r).
       rank_pattern: regex -> rank for some leaves.
@@ -68,6 +70,10 @@ class LoraConfig:
       predicate: an extra filter `predicate(path, leaf) -> bool` over the targets.
       use_dora: DoRA (weight-decomposed LoRA): W' = m ⊙ (W + s·A B) / ‖W + s·A B‖ per output column, with a
         trainable magnitude m (initialised to ‖W‖) stored as a third adapter entry "magnitude".
+      loftq_iter: LoftQ's alternating steps (PEFT's `loftq_config["loftq_iter"]`, default 1).
+      loftq_bits: LoftQ's code width; 4 (NF4, jaxlora.quantization's format) is the only one.
+      loftq_block_size: LoftQ's NF4 block length along the input features (QLoRA's 64, as `quantize`).
+      eva_rho: EVA's rho >= 1 (PEFT's `EvaConfig.rho`): a layer may get up to round(rho x its rank) directions.
 
     Example:
       >>> import jaxlora
@@ -93,6 +99,10 @@ class LoraConfig:
     layers_to_transform: Mapping[str, tuple[int, ...]] = FrozenMapping()
     predicate: Callable[[str, Any], bool] | None = None
     use_dora: bool = False
+    loftq_iter: int = 1
+    loftq_bits: int = 4
+    loftq_block_size: int = 64
+    eva_rho: float = 2.0
 
     def __post_init__(self) -> None:
         _check_field_types(self)
@@ -138,6 +148,21 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if not isinstance(self.use_dora, bool):
             raise ValueError(f"LoraConfig.use_dora must be True or False, got {self.use_dora!r}")
+        if isinstance(self.loftq_iter, bool) or not isinstance(self.loftq_iter, int) or self.loftq_iter < 1:
+            raise ValueError(f"LoraConfig.loftq_iter must be an int >= 1, got {self.loftq_iter!r}")
+        if self.loftq_bits != 4 or isinstance(self.loftq_bits, bool):
+            raise ValueError(
+                f"LoraConfig.loftq_bits must be 4 (LoftQ quantizes to jaxlora.quantization's NF4), "
+                f"got {self.loftq_bits!r}"
+            )
+        if (
+            isinstance(self.loftq_block_size, bool)
+            or not isinstance(self.loftq_block_size, int)
+            or (self.loftq_block_size < 1)
+        ):
+            raise ValueError(f"LoraConfig.loftq_block_size must be a positive int, got {self.loftq_block_size!r}")
+        if not _is_number(self.eva_rho) or not self.eva_rho >= 1.0:
+            raise ValueError(f"LoraConfig.eva_rho must be a number >= 1 (PEFT's EvaConfig.rho), got {self.eva_rho!r}")
 
     def rank_for(self, path: str) -> int:
         """The rank of the adapter at `path`: the first matching `rank_pattern`, else `rank`."""

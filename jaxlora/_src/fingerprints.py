@@ -18,6 +18,7 @@ from jax import lax
 
 from jaxlora._src.paths import PyTree, leaves_with_paths
 from jaxlora._src.planning import Plan
+from jaxlora._src.quantization import is_quantized
 
 _UNSIGNED = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}
 
@@ -26,11 +27,25 @@ def _spec(shape: tuple[int, ...], dtype: Any) -> dict[str, Any]:
     return {"shape": [int(d) for d in shape], "dtype": str(dtype)}
 
 
-@jax.jit
-def _leaf_checksum(x: jax.Array) -> jax.Array:
+def _raw_bits(x: Any) -> jax.Array:
+    """The raw bits of an array as uint32 values, one per element; for a quantized kernel (a `qwix.QArray`, e.g. the
+    NF4 base of init="loftq"), those of its codes followed by those of its scales."""
+    if is_quantized(x):
+        return jnp.concatenate([_raw_bits(part) for part in jax.tree.leaves(x)])
+    x = jnp.asarray(x)
+    if jnp.dtype(x.dtype).name in ("uint4", "int4"):  # packed 4-bit codes: their values are their bits
+        return x.astype(jnp.uint8).reshape(-1).astype(jnp.uint32)
+    return lax.bitcast_convert_type(x, _UNSIGNED[x.dtype.itemsize]).reshape(-1).astype(jnp.uint32)
+
+
+def _leaf_checksum(x: Any) -> jax.Array:
     """(Σ bits, Σ (2i+1)·bits) mod 2^32 over the raw bits of `x`: a change d != 0 of one element's bits moves
     the second sum by (2i+1)·d, never 0 mod 2^32 since 2i+1 is odd."""
-    bits = lax.bitcast_convert_type(x, _UNSIGNED[x.dtype.itemsize]).reshape(-1).astype(jnp.uint32)
+    return _bits_checksum(_raw_bits(x))
+
+
+@jax.jit
+def _bits_checksum(bits: jax.Array) -> jax.Array:
     weights = 2 * jnp.arange(bits.size, dtype=jnp.uint32) + 1
     return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weights, dtype=jnp.uint32)])
 
@@ -47,7 +62,7 @@ def content_checksums(params: PyTree, plan: Plan) -> dict[str, str]:
     if not flat:
         return {}
     paths = sorted(flat)
-    sums = [_leaf_checksum(jnp.asarray(flat[p])) for p in paths]  # dispatched asynchronously, then fetched once
+    sums = [_leaf_checksum(flat[p]) for p in paths]  # dispatched asynchronously, then fetched once
     return {p: f"{int(s[0]):08x}{int(s[1]):08x}" for p, s in zip(paths, jax.device_get(sums), strict=True)}
 
 
@@ -111,7 +126,7 @@ def check_fingerprint(expected: Mapping[str, Any], plan: Plan, source: str, para
         raise ValueError(
             f"{source} was saved with other base weights: the values of {differing[0]!r} differ from the base it "
             f"was trained on ({len(differing)} of {len(stored)} adapted leaves differ; same shapes and dtypes, "
-            "so probably another checkpoint of the same architecture, a fine-tuned copy, or, with init='pissa', "
-            "the original weights instead of the residual). Load it with the base it was trained on, or pass "
-            "check_content=False to load it anyway."
+            "so probably another checkpoint of the same architecture, a fine-tuned copy, or, with init='pissa' / "
+            "'olora' / 'loftq', the original weights instead of the residual or NF4 base jaxlora.init returned). "
+            "Load it with the base it was trained on, or pass check_content=False to load it anyway."
         )

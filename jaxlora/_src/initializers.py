@@ -1,15 +1,17 @@
-"""Adapter initialisation: A random (Kaiming-uniform or Gaussian) and B zero, or PiSSA from W's SVD."""
+"""Adapter initialisation: A random (Kaiming-uniform or Gaussian) and B zero; PiSSA (W's SVD), OLoRA (QR), LoftQ."""
 
 from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
 from jaxlora._src.config import LoraConfig
 from jaxlora._src.dora import initial_magnitude
+from jaxlora._src.loftq import loftq_pair
 from jaxlora._src.paths import PyTree, leaves_with_paths, map_with_paths, unflatten_adapters
 from jaxlora._src.planning import LeafPlan, Plan, resolve
 from jaxlora._src.svd import top_singular
@@ -37,19 +39,15 @@ def _random_pair(key: jax.Array, leaf: LeafPlan, config: LoraConfig) -> dict[str
     return {"lora_a": a, "lora_b": jnp.zeros(leaf.b_shape, dtype)}
 
 
-def _pissa_pair(weight: jax.Array, leaf: LeafPlan) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """A, B from W's top-r singular triplets (s·A B = U_r S_r V_rᵀ), and the residual base W - s·A B.
+def _factored_pair(
+    weight: jax.Array, leaf: LeafPlan, split: Callable[[jax.Array], tuple[jax.Array, jax.Array]]
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """A, B = split(W) per layer, and the residual base W - s·A B.
 
     Per layer for a stacked leaf; layers outside `layers_to_transform` keep W and get A = B = 0.
     """
     dtype = adapter_dtype(leaf.dtype)
     w = jnp.asarray(leaf.to_matrix_order(weight), jnp.float32).reshape(leaf.num_layers, leaf.fan_in, leaf.fan_out)
-
-    def split(w):
-        u, s, vt = top_singular(w, leaf.rank)
-        root = jnp.sqrt(s / leaf.scale)
-        return u * root, root[:, None] * vt
-
     a, b = jax.vmap(split)(w)
     mask = leaf.layer_mask()
     if mask is not None:
@@ -62,6 +60,34 @@ def _pissa_pair(weight: jax.Array, leaf: LeafPlan) -> tuple[jax.Array, dict[str,
     return residual, pair
 
 
+def _pissa_pair(weight: jax.Array, leaf: LeafPlan, config: LoraConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """PiSSA: A, B from W's top-r singular triplets (s·A B = U_r S_r V_rᵀ), and the residual base W - s·A B."""
+
+    def split(w):
+        u, s, vt = top_singular(w, leaf.rank)
+        root = jnp.sqrt(s / leaf.scale)
+        return u * root, root[:, None] * vt
+
+    return _factored_pair(weight, leaf, split)
+
+
+def _olora_pair(weight: jax.Array, leaf: LeafPlan, config: LoraConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """OLoRA, as PEFT computes it: the reduced QR of torch's (out, in) weight Wᵀ = Q R gives PEFT's lora_B = Q[:, :r]
+    and lora_A = R[:r], so A = R[:r]ᵀ (in, r), B = Q[:, :r]ᵀ (r, out), not divided by the scale s; the residual
+    base is W - s·A B. Householder QR (LAPACK's, which torch and jax use): R's diagonal may be negative, and the
+    signs are left as the QR gives them, as in PEFT.
+    """
+
+    def split(w):
+        q, r = jnp.linalg.qr(w.T)
+        return r[: leaf.rank].T, q[:, : leaf.rank].T
+
+    return _factored_pair(weight, leaf, split)
+
+
+_BASE_CHANGING = {"pissa": _pissa_pair, "olora": _olora_pair, "loftq": loftq_pair}
+
+
 def init(key: jax.Array, params: PyTree, plan: Plan | LoraConfig) -> tuple[PyTree, dict]:
     """Creates adapters for the leaves the plan selects; returns `(params, adapters)`.
 
@@ -71,12 +97,14 @@ def init(key: jax.Array, params: PyTree, plan: Plan | LoraConfig) -> tuple[PyTre
       plan: from `jaxlora.plan(params, config)` (a `LoraConfig` is resolved here).
 
     Returns:
-      `(params, adapters)`: `params` unchanged (the same object) except with `init="pissa"`, where the adapted
-      leaves become the residual `W - s·A B` so that the adapted model still equals the base model; `adapters`
-      nested dicts mirroring params, `{"lora_a": A, "lora_b": B}` at each adapted leaf (B = 0 unless PiSSA).
+      `(params, adapters)`: `params` unchanged (the same object) except with `init="pissa"` or `"olora"`, where the
+      adapted leaves become the residual `W - s·A B` so that the adapted model still equals the base model, and
+      `init="loftq"`, where they become NF4 `qwix.QArray`s Q with Q + s·A B close to W; `adapters` nested dicts
+      mirroring params, `{"lora_a": A, "lora_b": B}` at each adapted leaf (B = 0 for kaiming and gaussian).
 
     Raises:
-      ValueError: if the plan was built for other params.
+      ValueError: if the plan was built for other params, for init="eva" (see `jaxlora.init_eva`), and for
+        init="loftq" on a leaf NF4 cannot hold (not 2-D, stacked, or DoRA), naming it.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxlora
@@ -88,15 +116,21 @@ def init(key: jax.Array, params: PyTree, plan: Plan | LoraConfig) -> tuple[PyTre
     """
     resolved = resolve(params, plan)
     config = resolved.config
-    if config.init != "pissa":
+    if config.init == "eva":
+        raise ValueError(
+            "LoraConfig(init='eva') takes its adapters from the layers' inputs over data, which jaxlora.init does not "
+            "see: call jaxlora.init_eva(params, plan, batches, layer_inputs) instead"
+        )
+    if config.init not in _BASE_CHANGING:
         pairs = {path: _random_pair(leaf_key(key, path), leaf, config) for path, leaf in resolved.leaves.items()}
         return params, unflatten_adapters(_with_magnitudes(params, pairs, resolved))
     pairs = {}
+    make_pair = _BASE_CHANGING[config.init]
 
     def residual(path: str, weight):
         if path not in resolved.leaves:
             return weight
-        weight, pairs[path] = _pissa_pair(weight, resolved.leaves[path])
+        weight, pairs[path] = make_pair(weight, resolved.leaves[path], config)
         return weight
 
     params = map_with_paths(residual, params)

@@ -15,8 +15,10 @@ been lowered to these primitives, and a plain call of the same model is never af
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -58,6 +60,31 @@ class Record:
         causes = self.merged.setdefault(path, [])
         if cause not in causes:
             causes.append(cause)
+
+
+_observer: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("jaxlora_observer", default=None)
+
+
+@contextlib.contextmanager
+def observing(observer: Callable[[Operand, Any], None]) -> Iterator[None]:
+    """Calls `observer(tag, rows)` for every adapted kernel's product with x while a model is served: `rows` are
+    x's rows over the kernel's input axes, in A's order, shaped (-1, fan_in) (what EVA takes the PCA of)."""
+    token = _observer.set(observer)
+    try:
+        yield
+    finally:
+        _observer.reset(token)
+
+
+def _observe(observer: Callable, eqn, x, tag: Operand, kernel_is_rhs: bool) -> None:
+    (lc, rc), (lb, _) = eqn.params["dimension_numbers"]
+    kc, xc = (rc, lc) if kernel_is_rhs else (lc, rc)
+    own = [tag.original_axis(c) - tag.depth for c in kc]
+    if sorted(own) != list(tag.leaf.layer_in_axes) or lb:
+        return  # not x meeting A (a transposed use, or a product over mapped axes)
+    order = [xc[own.index(a)] for a in tag.leaf.layer_in_axes]
+    rows = jnp.moveaxis(x, order, range(x.ndim - len(order), x.ndim)).reshape(-1, tag.leaf.fan_in)
+    observer(tag, rows)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,6 +215,9 @@ def _serve(eqn, values, tags, record: Record, options: Options):
         kernel_is_rhs = rhs_tag is not None
         tag = rhs_tag if kernel_is_rhs else lhs_tag
         x, w = (values[0], values[1]) if kernel_is_rhs else (values[1], values[0])
+        observer = _observer.get()
+        if observer is not None and tag.adapted:
+            _observe(observer, eqn, x, tag, kernel_is_rhs)
         out = serve_dot_general(eqn, x, w, tag, kernel_is_rhs, options.fast)
     elif name == "conv_general_dilated" and tags[0] is None and tags[1] is not None:
         tag = tags[1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -15,14 +16,18 @@ import numpy as np
 
 from jaxlora._src.atomic_files import shared_atomic_directory
 from jaxlora._src.config import LoraConfig
+from jaxlora._src.derived_plans import shape_tree
 from jaxlora._src.multihost import host_array, is_primary
 from jaxlora._src.name_maps import NameMap, module_table, to_torch, torch_module, torch_param
 from jaxlora._src.paths import PyTree, leaves_with_paths
 from jaxlora._src.peft_keys import CONFIG_NAME, MAGNITUDE_KEY, PREFIX, WEIGHTS_NAME
 from jaxlora._src.planning import LeafPlan, Plan, resolve
+from jaxlora._src.planning import plan as make_plan
 from jaxlora._src.safetensors_io import write_tensors
 
 TorchName = Callable[[str], tuple[str, str]]
+# Inits whose adapters sit on a residual base; written as plain LoRA over the original weights (`as_plain_lora`).
+_RESIDUAL_INITS = ("pissa", "olora")
 
 
 def _lora_tensors(pair: Mapping[str, Any], layout: str, path: str) -> dict[str, np.ndarray]:
@@ -94,16 +99,20 @@ def _adapter_tensors(plan: Plan, pairs: Mapping, torch_name: TorchName, names: l
                 "or adapt one of them"
             )
         for name, pair in _per_layer(path, leaf, pairs[path], template):
+            rank, alpha = leaf.rank, leaf.alpha
+            if config.init == "eva" and leaf.stacked_axes and not config.use_rslora:
+                pair, rank = _eva_layer_rank(pair)
+                alpha = leaf.scale * rank  # PEFT's EVA alpha x new_rank / r: the scale alpha / r is kept
             for suffix, tensor in _lora_tensors(pair, layout, path).items():
                 tensors[f"{PREFIX}{name}.{suffix}"] = tensor
             if "magnitude" in pair:
                 tensors[f"{PREFIX}{name}.{MAGNITUDE_KEY}"] = _magnitude_tensor(pair, layout, path)
             targets.append(name)
             layouts.add(layout)
-            if leaf.rank != config.rank:
-                rank_pattern[_pattern_key(name, names)] = leaf.rank
-            if leaf.alpha != config.alpha:
-                alpha_pattern[_pattern_key(name, names)] = _peft_number(leaf.alpha)
+            if rank != config.rank:
+                rank_pattern[_pattern_key(name, names)] = rank
+            if alpha != config.alpha:
+                alpha_pattern[_pattern_key(name, names)] = _peft_number(alpha)
         peft_scale = leaf.alpha / (math.sqrt(leaf.rank) if config.use_rslora else leaf.rank)
         if not math.isclose(peft_scale, leaf.scale, rel_tol=1e-6):
             raise RuntimeError(f"PEFT would scale {path!r} by {peft_scale}, jaxlora by {leaf.scale}: please report")
@@ -114,6 +123,17 @@ def _adapter_tensors(plan: Plan, pairs: Mapping, torch_name: TorchName, names: l
         "fan_in_fan_out": "conv1d" in layouts,
     }
     return tensors, entries
+
+
+def _eva_layer_rank(pair: Mapping) -> tuple[dict, int]:
+    """One layer of an EVA stack without its trailing zero directions (A column and B row both zero: padding up to
+    the stack's rank, which training keeps at zero), and its own rank, as PEFT keeps one rank per module."""
+    a, b = np.asarray(pair["lora_a"]), np.asarray(pair["lora_b"])
+    rank = a.shape[-1]
+    a2, b2 = a.reshape(-1, rank), b.reshape(rank, -1)
+    used = np.flatnonzero(np.any(a2 != 0, axis=0) | np.any(b2 != 0, axis=1))
+    keep = int(used[-1]) + 1 if used.size else 1
+    return {"lora_a": a[..., :keep], "lora_b": b[:keep]}, keep
 
 
 def _per_layer(path: str, leaf: LeafPlan, pair: Mapping, template: str) -> list[tuple[str, dict]]:
@@ -157,6 +177,52 @@ def _saved_tensors(plan: Plan, params: PyTree, torch_name: TorchName, names: lis
     return tensors, saved_modules
 
 
+def as_plain_lora(plan: Plan, pairs: Mapping, initial: Mapping) -> tuple[Plan, dict]:
+    """A PiSSA / OLoRA adapter as plain rank-2r LoRA over the original weights (PEFT's `subtract_mutated_init`).
+
+    With W = W_res + s·A0 B0 (the init) and the trained model W_res + s·A B, the update over W is
+    s·(A B - A0 B0) = s·[A | A0] [B ; -B0]: rank 2r, alpha doubled (times sqrt 2 with rsLoRA), so s is unchanged.
+    """
+    config = plan.config
+    factor = math.sqrt(2) if config.use_rslora else 2
+    doubled = dataclasses.replace(
+        config,
+        init="kaiming",
+        rank=2 * config.rank,
+        alpha=factor * config.alpha,
+        rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+        alpha_pattern={k: factor * v for k, v in config.alpha_pattern.items()},
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 2r may exceed min(fan_in, fan_out), which PEFT allows (as does loading)
+        new_plan = make_plan(shape_tree(plan), doubled, allow_excess_rank=True)
+    initial = plan.check_adapters(initial)
+    converted = {}
+    for path, leaf in plan.leaves.items():
+        pair, first = pairs[path], initial[path]
+        a0, b0 = np.asarray(host_array(first["lora_a"])), np.asarray(host_array(first["lora_b"]))
+        a = np.concatenate([np.asarray(pair["lora_a"]), a0], axis=-1)
+        b = np.concatenate([np.asarray(pair["lora_b"]), -b0], axis=leaf.stacked_axes)
+        converted[path] = {"lora_a": a, "lora_b": b}
+    return new_plan, converted
+
+
+def _eva_entries(config: LoraConfig) -> dict[str, Any]:
+    """What PEFT records for an EVA adapter besides its rank_pattern / alpha_pattern: the init and its EvaConfig
+    (jaxlora's EVA: PEFT's defaults but rho, no label mask, no whitening, scaling factors adjusted)."""
+    if config.init != "eva":
+        return {}
+    eva_config = {
+        "rho": _peft_number(config.eva_rho),
+        "tau": 0.99,
+        "use_label_mask": False,
+        "label_mask_value": -100,
+        "whiten": False,
+        "adjust_scaling_factors": True,
+    }
+    return {"init_lora_weights": "eva", "eva_config": eva_config}
+
+
 def _peft_config(config: LoraConfig, entries: Mapping[str, Any], saved_modules: list[str], **extra: Any) -> dict:
     """adapter_config.json for a plain LoRA adapter."""
     return {
@@ -186,6 +252,7 @@ def save_peft(
     base_model_name_or_path: str | None = None,
     task_type: str | None = None,
     overwrite: bool = False,
+    initial_adapters: Mapping | None = None,
 ) -> Path:
     """Writes a PEFT LoRA adapter directory that ``peft.PeftModel.from_pretrained`` loads onto the torch model.
 
@@ -198,6 +265,11 @@ def save_peft(
       base_model_name_or_path: recorded for PEFT (e.g. "openai-community/gpt2").
       task_type: PEFT's task type ("CAUSAL_LM", "SEQ_CLS", ...).
       overwrite: replace an existing directory.
+      initial_adapters: for init="pissa" / "olora", the adapters `jaxlora.init` returned (before training): the
+        file then holds the plain rank-2r LoRA [A | A0], [B ; -B0] over the original weights, as PEFT's
+        ``save_pretrained(path_initial_model_for_weight_conversion=...)`` writes it (r and alpha doubled). A
+        LoftQ adapter is written as it is (plain LoRA, as PEFT's LoftQ recipe saves it): it applies to the
+        LoftQ base (the NF4 base `jaxlora.init` returned), which the user ships beside it.
 
     In a multi-process run (``jax.distributed``) every process calls it with the same arguments: the
     adapters (and saved leaves) are gathered from their shards, and process 0 writes the files once, on a
@@ -207,8 +279,8 @@ def save_peft(
       The absolute path written.
 
     Raises:
-      ValueError: for adapters PEFT cannot express (PiSSA residual bases, a table tied to the head, layouts
-        without a PEFT form), naming the leaf; nothing is written then.
+      ValueError: for adapters PEFT cannot express (PiSSA / OLoRA adapters without `initial_adapters`, a table
+        tied to the head, layouts without a PEFT form), naming the leaf; nothing is written then.
       FileExistsError: if `directory` exists and `overwrite` is False.
 
     Example:
@@ -221,13 +293,23 @@ def save_peft(
       ['adapter_config.json', 'adapter_model.safetensors']
     """
     resolved = resolve(params, plan)
-    if resolved.config.init == "pissa":
-        raise ValueError(
-            "PiSSA adapters are relative to the residual base that jaxlora.init returned, not to the original "
-            "weights a PEFT user loads them onto; merge them (jaxlora.merge) and export the merged model instead"
-        )
     pairs = resolved.check_adapters(adapters)
     pairs = {path: {name: host_array(x) for name, x in pair.items()} for path, pair in pairs.items()}
+    if resolved.config.init in _RESIDUAL_INITS:
+        if initial_adapters is None or resolved.config.use_dora:
+            raise ValueError(
+                f"init={resolved.config.init!r} adapters are relative to the residual base that jaxlora.init returned, "
+                "not to the original weights a PEFT user loads them onto: pass initial_adapters= (the adapters "
+                "jaxlora.init returned, before training) to write them as plain rank-2r LoRA over the original "
+                "weights, as PEFT's save_pretrained(path_initial_model_for_weight_conversion=...) does"
+                + (" (not with DoRA: merge and export the merged model instead)" if resolved.config.use_dora else "")
+            )
+        resolved, pairs = as_plain_lora(resolved, pairs, initial_adapters)
+    elif initial_adapters is not None:
+        raise ValueError(
+            f"initial_adapters is for init='pissa' / 'olora' adapters (relative to a residual base); this plan's "
+            f"init is {resolved.config.init!r}: leave initial_adapters out"
+        )
     modules = module_table(resolved.shapes, name_map)
     names = list(modules)
     by_path = {m.path: (name, m.layout) for name, m in modules.items() if m.layer is None}
@@ -239,7 +321,12 @@ def save_peft(
     tensors, entries = _adapter_tensors(resolved, pairs, torch_name, names)
     saved, saved_modules = _saved_tensors(resolved, params, torch_name, names)
     peft_config = _peft_config(
-        resolved.config, entries, saved_modules, task_type=task_type, base_model_name_or_path=base_model_name_or_path
+        resolved.config,
+        entries,
+        saved_modules,
+        task_type=task_type,
+        base_model_name_or_path=base_model_name_or_path,
+        **_eva_entries(resolved.config),
     )
     directory = Path(directory).expanduser().absolute()
     with shared_atomic_directory(directory, overwrite) as tmp:
