@@ -5,9 +5,10 @@ inputs over a few batches of data, B = 0, and the ranks redistributed across lay
 or not, stacked layers included) on probe adapters: B = 0, so the model computes the base model, and each stacked
 layer's A slice carries its layer index. While it runs, jaxlora's serving observes every product of an adapted
 kernel with x (`interpreter.observing`), and the layer's input statistics (Σ x xᵀ, Σ x, count; computed on device)
-go to a host accumulator through an `io_callback`, which works inside `jit`, `nn.scan` and `nnx.scan`. The principal directions then come from one jitted
-eigendecomposition per leaf, batched over its stacked layers: exactly the PCA of all the tokens seen (PEFT's
-incremental PCA approximates the same, stopping early once the leading directions settle).
+go to a host accumulator through an `io_callback`, which works inside `jit`, `nn.scan` and `nnx.scan`. The principal
+directions then come from one jitted eigendecomposition per leaf, batched over its stacked layers: exactly the PCA
+of all the tokens seen (PEFT's incremental PCA approximates the same, stopping early once the leading directions
+settle).
 
 Rank redistribution, PEFT's rule (`peft.tuners.lora.eva`): each adapted layer offers its first round(rho x r)
 explained-variance ratios; the r-budget (the sum of the layers' ranks) goes to the largest ratios over all layers; a

@@ -182,6 +182,8 @@ def _tagged(eqn, values, tags, record: Record, options: Options):
     if name == "while":
         return _while(eqn, values, tags, record, options), None
     served = _serve(eqn, values, tags, record, options)
+    if isinstance(served, Refusal):
+        return _merged(eqn, values, tags, record, served.cause)
     if served is not None:
         return [served], None
     return _merged(eqn, values, tags, record, _unsupported_cause(name))
@@ -206,12 +208,12 @@ def _unsupported_cause(name: str) -> str:
 
 
 def _serve(eqn, values, tags, record: Record, options: Options):
-    """The provider's output for a serving primitive, or None to merge (recording the refusal's cause)."""
+    """The provider's output for a serving primitive, its `Refusal`, or None for a primitive no provider serves."""
     name = eqn.primitive.name
     if name == "dot_general":
         lhs_tag, rhs_tag = tags
         if lhs_tag is not None and rhs_tag is not None:
-            return None
+            return Refusal("a dot_general multiplies it with another adapted or served kernel, not with x")
         kernel_is_rhs = rhs_tag is not None
         tag = rhs_tag if kernel_is_rhs else lhs_tag
         x, w = (values[0], values[1]) if kernel_is_rhs else (values[1], values[0])
@@ -228,9 +230,7 @@ def _serve(eqn, values, tags, record: Record, options: Options):
     else:
         return None
     if isinstance(out, Refusal):
-        if tag.adapted:
-            record.merge(tag.path, out.cause)
-        return None
+        return out
     if tag.adapted:
         record.serve(tag.path)
     return out
