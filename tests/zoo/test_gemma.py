@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import pytest
 from drop_in import check_drop_in
 from gemma import gm
 
 import jaxlora
+
+pytestmark = pytest.mark.zoo
 
 D, HEADS, HEAD_DIM, HIDDEN, VOCAB = 16, 2, 8, 24, 32
 

@@ -14,6 +14,8 @@ from tunix.models.qwen3 import model as qwen3
 
 import jaxlora
 
+pytestmark = pytest.mark.zoo
+
 LAYERS, VOCAB, D, HIDDEN, HEADS, HEAD_DIM, KV_HEADS = 2, 32, 16, 24, 2, 8, 1
 B, L = 2, 6
 
