@@ -34,4 +34,4 @@ if [ "$zoo" = 0 ]; then
 fi
 .venv/bin/python -m pytest -n auto --dist loadfile "$@"
 bash scripts/setup.sh zoo
-exec .venv-zoo/bin/python -m pytest -n auto --dist loadfile -m zoo "$@" tests/zoo
+exec .venv-zoo/bin/python -m pytest -n auto --dist load -m zoo "$@" tests/zoo  # each model its own compiles: spread by test
