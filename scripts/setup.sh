@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv (if missing) and installs jaxlora with the extra named in $1 ("examples" or "test").
 # Versions are pinned by scripts/constraints.txt (the set the tests last passed with).
-# "zoo" instead creates .venv-zoo with jaxlora[zoo,test] pinned by scripts/constraints-zoo.txt: the peer model
+# "zoo" instead creates .venv-zoo with jaxlora[zoo] pinned by scripts/constraints-zoo.txt: the peer model
 # libraries of tests/zoo (gemma, tunix) need versions that conflict with the test set's, so they get their own venv.
 # pip runs only when pyproject.toml or the constraints changed since the last install of that extra (or of "test",
 # which includes "examples"): the install is editable, so code changes need none. pip's full output goes to $venv/pip.log.
@@ -15,7 +15,7 @@ extras="$extra"
 if [ "$extra" = zoo ]; then
   venv=.venv-zoo
   constraints=scripts/constraints-zoo.txt
-  extras="zoo,test"
+  extras=zoo  # the peer libraries and pytest: no torch or peft (the test extra) to install
 fi
 want="$(cat pyproject.toml "$constraints" | sha256sum | cut -d' ' -f1)"
 
