@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Lint and the test suite, in .venv (set up on first use). By default the fast set; with --all (as .ci/run
 # does) also the tests marked slow: the examples' end-to-end runs, the MNIST build, the README's snippets, the
-# child processes (killed mid-save, simulated devices, several processes) and the benchmark smoke run.
+# child processes (killed mid-save, simulated devices, several processes) and the benchmark smoke run, and then
+# tests/zoo (the drop-in contract on gemma's and tunix's models) in its own .venv-zoo (scripts/setup.sh zoo).
 # Other arguments go to pytest (e.g. a file, -k, -x, or -m "slow" for the slow set alone). The tests run in one
 # process per core (pytest-xdist, each test file in one process so that its compiled functions are shared);
 # -n 0 runs them in this process (for -s or a debugger).
@@ -10,9 +11,11 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
 select=(-m "not slow")
+zoo=0
 if [ "${1:-}" = "--all" ]; then
   shift
   select=()
+  zoo=1
 elif [ "${JAXLORA_TEST_JAX_CACHE:-0}" = "1" ] && [ "${CI:-}" != "true" ]; then
   # Opt-in, for the fast set alone outside CI: jax's persistent compilation cache in .cache/jax (gitignored), so
   # that a second run loads the compiled programs instead of compiling them again. Measured 2026-12-02 on the 2
@@ -26,4 +29,9 @@ elif [ "${JAXLORA_TEST_JAX_CACHE:-0}" = "1" ] && [ "${CI:-}" != "true" ]; then
   export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="${JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES:--1}"
 fi
 .venv/bin/ruff check .
-exec .venv/bin/python -m pytest -n auto --dist loadfile ${select[@]+"${select[@]}"} "$@"
+if [ "$zoo" = 0 ]; then
+  exec .venv/bin/python -m pytest -n auto --dist loadfile ${select[@]+"${select[@]}"} "$@"
+fi
+.venv/bin/python -m pytest -n auto --dist loadfile "$@"
+bash scripts/setup.sh zoo
+exec .venv-zoo/bin/python -m pytest -n auto --dist load -m zoo "$@" tests/zoo  # each model its own compiles: spread by test
