@@ -110,11 +110,21 @@ def run(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], tags: Sequence[O
         env[v] = value
         if tag is not None:
             tag_env[v] = tag
-    for eqn in jaxpr.eqns:
+    biases = _bias_adds(jaxpr)
+    forwarded: dict[Any, Any] = {}  # an `add` of a bias that the served product before it has added already
+    for i, eqn in enumerate(jaxpr.eqns):
+        if id(eqn) in forwarded:
+            env[eqn.outvars[0]] = env[forwarded.pop(id(eqn))]
+            continue
         values = [read(v) for v in eqn.invars]
         in_tags = [tag_of(v) for v in eqn.invars]
         if any(t is not None for t in in_tags):
-            outs, out_tags = _tagged(eqn, values, in_tags, record, options)
+            bias_var, add = biases.get(i, (None, None))
+            bias = env.get(bias_var) if bias_var is not None else None
+            outs, out_tags = _tagged(eqn, values, in_tags, record, options, bias)
+            if bias is not None and isinstance(outs, _WithBias):
+                outs = outs.outs
+                forwarded[id(add)] = eqn.outvars[0]
         else:
             outs = bind(eqn, *values)
             outs, out_tags = (outs if eqn.primitive.multiple_results else [outs]), None
@@ -123,6 +133,49 @@ def run(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], tags: Sequence[O
             if out_tags is not None and out_tags[i] is not None:
                 tag_env[v] = out_tags[i]
     return [read(v) for v in jaxpr.outvars], [tag_of(v) for v in jaxpr.outvars]
+
+
+@dataclasses.dataclass(frozen=True)
+class _WithBias:
+    """The outputs of a served product that added the bias of the `add` after it (which then only forwards them)."""
+
+    outs: list[Any]
+
+
+def _bias_adds(jaxpr: Any) -> dict[int, tuple[Any, Any]]:
+    """{index of a dot_general: (its bias, the add)} for flax's `y = x W; y + reshape(bias, (1, ..., out))`."""
+    uses: dict[Any, int] = {}
+    producer = {}
+    for eqn in jaxpr.eqns:
+        for v in eqn.invars:
+            if not isinstance(v, jex_core.Literal):
+                uses[v] = uses.get(v, 0) + 1
+        for v in eqn.outvars:
+            producer[v] = eqn
+    for v in jaxpr.outvars:
+        if not isinstance(v, jex_core.Literal):
+            uses[v] = uses.get(v, 0) + 1
+    found = {}
+    for i, eqn in enumerate(jaxpr.eqns):
+        if eqn.primitive.name != "dot_general" or uses.get(eqn.outvars[0]) != 1:
+            continue
+        out = eqn.outvars[0]
+        add = next((e for e in jaxpr.eqns[i + 1 :] if out in e.invars), None)
+        if add is None or add.primitive.name != "add" or add.invars[0] is not out:
+            continue
+        if isinstance(add.invars[1], jex_core.Literal):
+            continue
+        reshape = producer.get(add.invars[1])
+        if reshape is None or reshape.primitive.name != "reshape" or isinstance(reshape.invars[0], jex_core.Literal):
+            continue
+        if len(reshape.invars[0].aval.shape) != 1:
+            continue
+        if tuple(add.invars[1].aval.shape) != (1,) * (len(out.aval.shape) - 1) + (out.aval.shape[-1],):
+            continue
+        if add.outvars[0].aval.dtype != out.aval.dtype:
+            continue
+        found[i] = (reshape.invars[0], add)
+    return found
 
 
 def materialized(value: Any, tag: Operand) -> Any:
@@ -151,8 +204,9 @@ def _merged_inputs(eqn, values, tags, record: Record, cause: str) -> list[Any]:
     return out
 
 
-def _tagged(eqn, values, tags, record: Record, options: Options):
-    """One equation with at least one tagged input: (outputs, their tags or None)."""
+def _tagged(eqn, values, tags, record: Record, options: Options, bias: Any = None):
+    """One equation with at least one tagged input: (outputs, their tags or None); `_WithBias` outputs when a served
+    product took the `bias` of the add that follows it."""
     name = eqn.primitive.name
     if name == "transpose":
         (tag,) = tags
@@ -181,7 +235,9 @@ def _tagged(eqn, values, tags, record: Record, options: Options):
         return _cond(eqn, values, tags, record, options), None
     if name == "while":
         return _while(eqn, values, tags, record, options), None
-    served = _serve(eqn, values, tags, record, options)
+    served = _serve(eqn, values, tags, record, options, bias)
+    if isinstance(served, tuple):  # (output, bias added)
+        return _WithBias([served[0]]), None
     if isinstance(served, Refusal):
         return _merged(eqn, values, tags, record, served.cause)
     if served is not None:
@@ -207,7 +263,7 @@ def _unsupported_cause(name: str) -> str:
     )
 
 
-def _serve(eqn, values, tags, record: Record, options: Options):
+def _serve(eqn, values, tags, record: Record, options: Options, bias: Any = None):
     """The provider's output for a serving primitive, its `Refusal`, or None for a primitive no provider serves."""
     name = eqn.primitive.name
     if name == "dot_general":
@@ -220,7 +276,7 @@ def _serve(eqn, values, tags, record: Record, options: Options):
         observer = _observer.get()
         if observer is not None and tag.adapted:
             _observe(observer, eqn, x, tag, kernel_is_rhs)
-        out = serve_dot_general(eqn, x, w, tag, kernel_is_rhs, options.fast)
+        out = serve_dot_general(eqn, x, w, tag, kernel_is_rhs, options.fast, bias)
     elif name == "conv_general_dilated" and tags[0] is None and tags[1] is not None:
         tag = tags[1]
         out = serve_conv(eqn, values[0], values[1], tag)

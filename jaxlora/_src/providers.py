@@ -120,8 +120,14 @@ def _dense_like(x: Any, w: Any, dims: tuple, kernel_is_rhs: bool, params: dict) 
     )
 
 
-def serve_dot_general(eqn: Any, x: Any, w: Any, tag: Operand, kernel_is_rhs: bool, fast: bool) -> Any:
-    """The `dot_general` equation on (x, W) or (W, x) with the tagged kernel's adapter applied (or a `Refusal`)."""
+def serve_dot_general(
+    eqn: Any, x: Any, w: Any, tag: Operand, kernel_is_rhs: bool, fast: bool, bias: Any = None
+) -> Any:
+    """The `dot_general` equation on (x, W) or (W, x) with the tagged kernel's adapter applied (or a `Refusal`).
+
+    `bias` is the bias that the model adds to this product next (flax's Dense), or None: where `lora_linear` computes
+    the product, it adds the bias inside its forward pass, and `(output, True)` is returned.
+    """
     params = eqn.params
     dims = params["dimension_numbers"]
     (lc, rc), (lb, rb) = dims
@@ -138,7 +144,7 @@ def serve_dot_general(eqn: Any, x: Any, w: Any, tag: Operand, kernel_is_rhs: boo
     if tag.quantized is not None and tag.magnitude is None:
         return _serve_quantized(eqn, x, tag, kernel_is_rhs, contracted)
     if not tag.adapted:
-        return _serve_frozen(eqn, x, w, dims, kernel_is_rhs, fast and tag.perm is None)
+        return _serve_frozen(eqn, x, w, dims, kernel_is_rhs, fast and tag.perm is None, bias)
     leaf = tag.leaf
     if contracted == leaf.layer_in_axes:
         transposed = False
@@ -155,6 +161,8 @@ def serve_dot_general(eqn: Any, x: Any, w: Any, tag: Operand, kernel_is_rhs: boo
         return _serve_dora(x, w, tag, dims, kernel_is_rhs, params, transposed)
     x_lora = tag.adapter().drop(x)
     if not transposed and tag.perm is None and _dense_like(x, w, dims, kernel_is_rhs, params):
+        if bias is not None and jnp.result_type(bias) == jnp.result_type(x, w):
+            return lora_linear(x, x_lora, w, bias, tag.a, tag.b, leaf.scale), True
         return lora_linear(x, x_lora, w, None, tag.a, tag.b, leaf.scale)
     base = functools.partial(_base, eqn, kernel_is_rhs)
     term = _term(tag, x.ndim, w.ndim, dims, kernel_is_rhs, transposed, jax.eval_shape(base, x, w).dtype)
@@ -239,9 +247,11 @@ def _serve_quantized(eqn, x, tag: Operand, kernel_is_rhs, contracted):
     return base + term(tag.adapter().drop(x), tag.a, tag.b)
 
 
-def _serve_frozen(eqn, x, w, dims, kernel_is_rhs, fast):
+def _serve_frozen(eqn, x, w, dims, kernel_is_rhs, fast, bias=None):
     """A frozen kernel through `lora_linear`'s hand-written backward pass where it is Dense-like (the fast path)."""
     if fast and _dense_like(x, w, dims, kernel_is_rhs, eqn.params):
+        if bias is not None and jnp.result_type(bias) == jnp.result_type(x, w):
+            return lora_linear(x, x, w, bias, None, None, 1.0), True
         return lora_linear(x, x, w, None, None, None, 1.0)
     return _base(eqn, kernel_is_rhs, x, w)
 
