@@ -222,16 +222,7 @@ def run_inits(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "command": "python -m benchmarks.variants_quality " + " ".join(sys.argv[1:]),
         "base": f"offline GPT-2 of examples/gpt2_spam.py ({gpt_config.n_layer} layers, width {gpt_config.n_embd})",
-        "recipe": {
-            "rank": recipe.rank,
-            "alpha": recipe.alpha,
-            "lr": recipe.lr,
-            "weight_decay": recipe.weight_decay,
-            "batch_size": recipe.batch_size,
-            "steps": args.steps,
-            "nf4_block": args.block_size,
-            "eval_batches": args.eval_batches,
-        },
+        "recipe": {**_recipe(recipe, args), "eval_batches": args.eval_batches},
         "gaps_to_float32": gaps,
         "float32": {
             "val_loss_before": reference["val_loss_before"],
@@ -240,6 +231,19 @@ def run_inits(args: argparse.Namespace) -> dict[str, Any]:
             f"mean_last_{window}_train_loss": mean_last["float32 + kaiming"],
         },
         "runs": runs,
+    }
+
+
+def _recipe(recipe: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """The training recipe as the results files record it."""
+    return {
+        "rank": recipe.rank,
+        "alpha": recipe.alpha,
+        "lr": recipe.lr,
+        "weight_decay": recipe.weight_decay,
+        "batch_size": recipe.batch_size,
+        "steps": args.steps,
+        "nf4_block": args.block_size,
     }
 
 
@@ -267,15 +271,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "command": "python -m benchmarks.variants_quality " + " ".join(sys.argv[1:]),
         "base": f"offline GPT-2 of examples/gpt2_spam.py ({gpt_config.n_layer} layers, width {gpt_config.n_embd})",
-        "recipe": {
-            "rank": recipe.rank,
-            "alpha": recipe.alpha,
-            "lr": recipe.lr,
-            "weight_decay": recipe.weight_decay,
-            "batch_size": recipe.batch_size,
-            "steps": args.steps,
-            "nf4_block": args.block_size,
-        },
+        "recipe": _recipe(recipe, args),
         "tolerance": f"|loss_nf4 - loss_fp32| <= {LOSS_ATOL} + {LOSS_RTOL} * loss_fp32 (nats)",
         "checks": checks,
         "ok": all(c["ok"] for c in checks.values()),

@@ -18,13 +18,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
-import jax
 
 from jaxlora._src.config import LoraConfig
 from jaxlora._src.layer_kinds import _BUILTIN, Adapter, LayerCall, LayerKind, kind_of, registered_layers, user_kind_of
 from jaxlora._src.model_trace import linen_call
 from jaxlora._src.paths import PyTree
-from jaxlora._src.planning import LeafPlan, Plan, resolve
+from jaxlora._src.planning import Plan, resolve
 from jaxlora._src.serving import DROPOUT_RNG, dropout_rng, leaf_rng, serve_call
 
 __all__ = ["DROPOUT_RNG", "apply", "apply_fn"]
@@ -53,68 +52,40 @@ def intercepted(
 
 
 class _Interceptor:
-    """The `nn.intercept_methods` hook that serves registered layers factored and records which it served.
+    """The `nn.intercept_methods` hook that serves modules of user-registered kinds while the model is traced.
 
-    `adapters` holds the unstacked adapters by path; `stacked` the plans of the stacked ones, whose per-layer
-    slices the module finds in its own params (see `_with_stacked_adapters`).
+    `adapters` holds the unstacked adapters by path (a stacked kernel in such a module is served by its operations).
     """
 
-    def __init__(self, adapters: Mapping[str, Adapter], stacked: Mapping[str, LeafPlan], dropout: float, fast_dense,
-                 kinds: Callable[[Any], LayerKind | None] = kind_of):  # fmt: skip
+    def __init__(self, adapters: Mapping[str, Adapter]):
         self.adapters = adapters
-        self.stacked = stacked
-        self.dropout = dropout
-        self.fast_dense = fast_dense
-        self.kinds = kinds
         self.served: set[str] = set()
-
-    def _layer_slice(self, module: nn.Module, param: str, path: str) -> Adapter | None:
-        """The adapter slice of the stacked layer `module` computes (inside nn.scan), or None if it has none."""
-        leaf = self.stacked.get(path)
-        if leaf is None or not module.has_variable("params", _slot(param, "lora_a")):
-            return None
-        a = module.get_variable("params", _slot(param, "lora_a"))
-        b = module.get_variable("params", _slot(param, "lora_b"))
-        k = leaf.stacked_axes
-        if a.shape != leaf.a_shape[k:] or b.shape != leaf.b_shape[k:] or not _holds(module, param, leaf.layer_shape):
-            return None  # the whole stack, not one layer of it: left to the merge fallback
-        rng = None
-        if module.has_variable("params", _slot(param, "lora_rng")):
-            rng = jax.random.wrap_key_data(module.get_variable("params", _slot(param, "lora_rng")))
-        return Adapter(a, b, leaf, self.dropout, rng)
 
     def __call__(self, next_fun, args, kwargs, context):
         module, method = context.module, context.method_name
-        found = intercepted(context, args, self.kinds)
+        found = intercepted(context, args, user_kind_of)
         if found is None:
             return next_fun(*args, **kwargs)
         kind, path = found
         adapter = self.adapters.get(path)
-        if adapter is not None and not _holds(module, kind.param, adapter.leaf.shape):
-            adapter = None  # e.g. a slice of a kernel stacked by nn.scan, not declared in stacked_axes
-        if adapter is None:
-            adapter = self._layer_slice(module, kind.param, path)
-        planned_axes = None if adapter is None else adapter.leaf.fan_in_ndim
-        if kind.contraction is not None and adapter is not None and kind.contraction(module) != planned_axes:
+        if adapter is None or not _holds(module, kind.param, adapter.leaf.shape):
+            return next_fun(*args, **kwargs)  # no adapter here, or a slice of a stacked kernel
+        if kind.contraction is not None and kind.contraction(module) != adapter.leaf.fan_in_ndim:
             return next_fun(*args, **kwargs)  # the layer contracts other axes than the adapter was planned for
-        if adapter is None and not (kind.serves_frozen and self.fast_dense):
-            return next_fun(*args, **kwargs)
-        if adapter is not None and adapter.magnitude is not None and not kind.supports_dora:
+        if adapter.magnitude is not None and not kind.supports_dora:
             raise ValueError(unsupported_dora_message(path, module))
-        call = LayerCall(module, method, args, kwargs, adapter, base=lambda: next_fun(*args, **kwargs))
-        out = kind.serve(call)
+        out = kind.serve(LayerCall(module, method, args, kwargs, adapter, base=lambda: next_fun(*args, **kwargs)))
         if out is None:
             return next_fun(*args, **kwargs)
-        if adapter is not None:
-            self.served.add(path)
+        self.served.add(path)
         return out
 
 
 def unsupported_dora_message(path: str, module: nn.Module) -> str:
     return (
-        f"DoRA (use_dora=True) is not supported yet for {type(module).__qualname__} layers (at {path!r}); "
-        "jaxlora serves DoRA for flax.linen.Dense: exclude this layer from the targets (LoraConfig.exclude) or "
-        "use plain LoRA for it"
+        f"DoRA (use_dora=True) is not supported for {type(module).__qualname__} layers (at {path!r}), whose "
+        "registered kind does not declare supports_dora: exclude this layer from the targets (LoraConfig.exclude) "
+        "or use plain LoRA for it"
     )
 
 
@@ -191,7 +162,7 @@ def apply_fn(
                               leaf_rng(key, resolved.leaves[path]), pair.get("magnitude"))
                 for path, pair in flat.items() if not resolved.leaves[path].stacked_axes
             }  # fmt: skip
-            interceptor = _Interceptor(unstacked, {}, dropout, fast_dense=False, kinds=user_kind_of)
+            interceptor = _Interceptor(unstacked)
             context, served = (lambda: nn.intercept_methods(interceptor)), (lambda: interceptor.served)
         call = linen_call(model, variables)
         return serve_call(
