@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from models import MLP
 
 import jaxlora
@@ -201,6 +202,39 @@ def test_a_registered_user_layer_is_served_factored_with_reference_gradients(pro
     # factored: the compiled step never builds W + s·A B (no (6, 5) array beyond W itself in the jaxpr's dots)
     jaxpr = jax.make_jaxpr(jax.grad(loss))(adapters, params, x)
     assert "add" not in {str(e.primitive) for e in jaxpr.eqns if e.outvars and e.outvars[0].aval.shape == (6, 5)}
+
+
+class NnxProjection(nnx.Module):
+    """Projection's NNX twin: x W through its own dot_general."""
+
+    def __init__(self, fan_in: int, features: int, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(nn.initializers.lecun_normal()(rngs.params(), (fan_in, features)))
+
+    def __call__(self, x):
+        return jax.lax.dot_general(x, self.kernel[...], (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def test_a_registered_kind_without_dora_support_refuses_a_dora_adapter_naming_layer_path_and_fix():
+    """A kind that does not declare supports_dora must refuse DoRA, not serve it as plain LoRA (dropping m)."""
+    dora = jaxlora.LoraConfig(rank=2, use_dora=True)
+    model, x = UsesProjection(), jnp.ones((2, 6))
+    params = model.init(jax.random.key(0), x)["params"]
+    plan = jaxlora.plan(params, dora)
+    _, adapters = jaxlora.init(jax.random.key(1), params, plan)
+    layer = NnxProjection(6, 3, nnx.Rngs(0))
+    nnx_plan = jaxlora.plan(nnx.state(layer, nnx.Param), dora)
+    _, nnx_adapters = jaxlora.init(jax.random.key(1), nnx.state(layer, nnx.Param), nnx_plan)
+    for registered in (Projection, NnxProjection):
+        jaxlora.register_layer(registered)
+    try:
+        want = r"DoRA \(use_dora=True\) is not supported for {} layers \(at '{}'\).*exclude this layer from the targets"
+        with pytest.raises(ValueError, match=want.format("Projection", "inner/kernel")):
+            jaxlora.apply(model, {"params": params}, adapters, plan, x)
+        with pytest.raises(ValueError, match=want.format("NnxProjection", "kernel")):
+            jaxlora.apply_nnx(layer, nnx_adapters, nnx_plan, x)
+    finally:
+        for registered in (Projection, NnxProjection):
+            jaxlora.unregister_layer(registered)
 
 
 def test_registering_bad_input_is_refused_with_the_fix():

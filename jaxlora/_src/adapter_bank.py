@@ -36,13 +36,34 @@ import numpy as np
 from jax import lax
 
 from jaxlora._src.derived_plans import check_same_base, derived_plan
-from jaxlora._src.interception import _holds, _slot, _with_stacked_adapters, intercepted
+from jaxlora._src.interception import holds, intercepted
 from jaxlora._src.merging import masked_b
+from jaxlora._src.paths import PyTree
 from jaxlora._src.planning import LeafPlan, Plan
 
 BASE_MODEL = -1  # the adapter index of a row that runs the base model alone
 
 Entry = tuple[Mapping, Plan]
+
+
+def _slot(param: str, name: str) -> str:
+    """The params entry that carries a stacked adapter's `name` ("lora_a", ...) next to the kernel `param`."""
+    return f"{param}:{name}"
+
+
+def _with_stacked_adapters(params: PyTree, entries: Mapping[str, Any]) -> PyTree:
+    """`params` (nested mappings) with extra leaves at the "/"-joined paths of `entries`, in new dicts."""
+    out = dict(params)
+    children: dict[str, dict[str, Any]] = {}
+    for path, value in entries.items():
+        head, _, rest = path.partition("/")
+        if rest:
+            children.setdefault(head, {})[rest] = value
+        else:
+            out[head] = value
+    for head, sub in children.items():
+        out[head] = _with_stacked_adapters(params[head], sub)
+    return out
 
 
 @jax.tree_util.register_pytree_node_class
@@ -287,7 +308,7 @@ class _BankInterceptor:
         """The bank's A and B at this layer (slot axis first), or None."""
         k = leaf.stacked_axes
         if not k:
-            return (self.bank.a[path], self.bank.b[path]) if _holds(module, param, leaf.shape) else None
+            return (self.bank.a[path], self.bank.b[path]) if holds(module, param, leaf.shape) else None
         if not module.has_variable("params", _slot(param, "bank_a")):
             return None
         a = module.get_variable("params", _slot(param, "bank_a"))
@@ -295,7 +316,7 @@ class _BankInterceptor:
         n = self.bank.num_slots
         if a.shape != (n, *leaf.a_shape[k:]) or b.shape != (n, *leaf.b_shape[k:]):
             return None
-        return (a, b) if _holds(module, param, leaf.layer_shape) else None
+        return (a, b) if holds(module, param, leaf.layer_shape) else None
 
     def __call__(self, next_fun, args, kwargs, context):
         module, method = context.module, context.method_name

@@ -20,25 +20,28 @@ from typing import Any
 import flax.linen as nn
 
 from jaxlora._src.config import LoraConfig
-from jaxlora._src.layer_kinds import _BUILTIN, Adapter, LayerCall, LayerKind, kind_of, registered_layers, user_kind_of
+from jaxlora._src.layer_kinds import (
+    _BUILTIN,
+    Adapter,
+    LayerCall,
+    LayerKind,
+    kind_of,
+    registered_layers,
+    unsupported_dora,
+    user_kind_of,
+)
 from jaxlora._src.model_trace import linen_call
-from jaxlora._src.paths import PyTree
 from jaxlora._src.planning import Plan, resolve
 from jaxlora._src.serving import DROPOUT_RNG, dropout_rng, leaf_rng, serve_call
 
 __all__ = ["DROPOUT_RNG", "apply", "apply_fn"]
 
 
-def _holds(module: nn.Module, param: str, shape: tuple[int, ...]) -> bool:
+def holds(module: nn.Module, param: str, shape: tuple[int, ...]) -> bool:
     """True if the module's own `param` has the shape the adapter was planned for."""
     if not module.has_variable("params", param):
         return False
     return tuple(module.get_variable("params", param).shape) == shape
-
-
-def _slot(param: str, name: str) -> str:
-    """The params entry that carries a stacked adapter's `name` ("lora_a", ...) next to the kernel `param`."""
-    return f"{param}:{name}"
 
 
 def intercepted(
@@ -68,40 +71,17 @@ class _Interceptor:
             return next_fun(*args, **kwargs)
         kind, path = found
         adapter = self.adapters.get(path)
-        if adapter is None or not _holds(module, kind.param, adapter.leaf.shape):
+        if adapter is None or not holds(module, kind.param, adapter.leaf.shape):
             return next_fun(*args, **kwargs)  # no adapter here, or a slice of a stacked kernel
         if kind.contraction is not None and kind.contraction(module) != adapter.leaf.fan_in_ndim:
             return next_fun(*args, **kwargs)  # the layer contracts other axes than the adapter was planned for
         if adapter.magnitude is not None and not kind.supports_dora:
-            raise ValueError(unsupported_dora_message(path, module))
+            raise ValueError(unsupported_dora(path, type(module)))
         out = kind.serve(LayerCall(module, method, args, kwargs, adapter, base=lambda: next_fun(*args, **kwargs)))
         if out is None:
             return next_fun(*args, **kwargs)
         self.served.add(path)
         return out
-
-
-def unsupported_dora_message(path: str, module: nn.Module) -> str:
-    return (
-        f"DoRA (use_dora=True) is not supported for {type(module).__qualname__} layers (at {path!r}), whose "
-        "registered kind does not declare supports_dora: exclude this layer from the targets (LoraConfig.exclude) "
-        "or use plain LoRA for it"
-    )
-
-
-def _with_stacked_adapters(params: PyTree, entries: Mapping[str, Any]) -> PyTree:
-    """`params` (nested mappings) with extra leaves at the "/"-joined paths of `entries`, in new dicts."""
-    out = dict(params)
-    children: dict[str, dict[str, Any]] = {}
-    for path, value in entries.items():
-        head, _, rest = path.partition("/")
-        if rest:
-            children.setdefault(head, {})[rest] = value
-        else:
-            out[head] = value
-    for head, sub in children.items():
-        out[head] = _with_stacked_adapters(params[head], sub)
-    return out
 
 
 def _user_kinds_registered() -> bool:

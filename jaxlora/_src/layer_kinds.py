@@ -244,6 +244,15 @@ def kind_of(module: Any) -> LayerKind | None:
     return None
 
 
+def unsupported_dora(path: str, layer_type: type) -> str:
+    """The refusal for a DoRA adapter on a layer whose registered kind does not declare `supports_dora`."""
+    return (
+        f"DoRA (use_dora=True) is not supported for {layer_type.__qualname__} layers (at {path!r}), whose "
+        "registered kind does not declare supports_dora: exclude this layer from the targets (LoraConfig.exclude) "
+        "or use plain LoRA for it"
+    )
+
+
 def additive(term: Callable[[LayerCall], jax.Array | None]) -> ServeFn:
     """A serve function computing `base() + term(call)`, for kinds whose LoRA term adds to the layer's output.
 

@@ -18,7 +18,15 @@ from flax import nnx
 
 from jaxlora._src.adapter_module import AdapterModule
 from jaxlora._src.config import LoraConfig
-from jaxlora._src.layer_kinds import _BUILTIN, Adapter, LayerCall, LayerKind, registered_layers, user_kind_of
+from jaxlora._src.layer_kinds import (
+    _BUILTIN,
+    Adapter,
+    LayerCall,
+    LayerKind,
+    registered_layers,
+    unsupported_dora,
+    user_kind_of,
+)
 from jaxlora._src.model_trace import nnx_call
 from jaxlora._src.planning import Plan, resolve
 from jaxlora._src.serving import dropout_rng, leaf_rng, serve_call
@@ -53,11 +61,7 @@ def _serve(module: Any, method: str, original: Callable, args: tuple, kwargs: di
         return base()
     if adapter.magnitude is not None and not kind.supports_dora:
         layer_type = getattr(module, "jaxlora_layer_type", type(module))
-        raise ValueError(
-            f"DoRA (use_dora=True) is not supported for {layer_type.__qualname__} layers (at {adapter.leaf.path!r}), "
-            "whose registered kind does not declare supports_dora: exclude this layer from the targets "
-            "(LoraConfig.exclude) or use plain LoRA for it"
-        )
+        raise ValueError(unsupported_dora(adapter.leaf.path, layer_type))
     out = kind.serve(LayerCall(module, method, args, kwargs, adapter, base))
     if out is None:
         return base()

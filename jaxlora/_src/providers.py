@@ -120,9 +120,7 @@ def _dense_like(x: Any, w: Any, dims: tuple, kernel_is_rhs: bool, params: dict) 
     )
 
 
-def serve_dot_general(
-    eqn: Any, x: Any, w: Any, tag: Operand, kernel_is_rhs: bool, fast: bool, bias: Any = None
-) -> Any:
+def serve_dot_general(eqn: Any, x: Any, w: Any, tag: Operand, kernel_is_rhs: bool, fast: bool, bias: Any = None) -> Any:
     """The `dot_general` equation on (x, W) or (W, x) with the tagged kernel's adapter applied (or a `Refusal`).
 
     `bias` is the bias that the model adds to this product next (flax's Dense), or None: where `lora_linear` computes
