@@ -32,6 +32,6 @@ fi
 if [ "$zoo" = 0 ]; then
   exec .venv/bin/python -m pytest -n auto --dist loadfile ${select[@]+"${select[@]}"} "$@"
 fi
-.venv/bin/python -m pytest -n auto --dist loadfile "$@"
+.venv/bin/python -m pytest -n auto --dist loadfile --durations=20 "$@"  # the slowest 20 in the log
 bash scripts/setup.sh zoo
 exec .venv-zoo/bin/python -m pytest -n auto --dist load -m zoo "$@" tests/zoo  # each model its own compiles: spread by test
