@@ -71,10 +71,15 @@ def _matching_row(module_path: str, leaf: str, name_map: NameMap) -> tuple[Seque
     """The first row matching our module at `module_path` (or, tried second per row, its leaf's whole path), and
     the string it matched; None if no row does."""
     for row in name_map:
-        for subject in (module_path, f"{module_path}/{leaf}" if module_path else leaf):
+        for subject in (module_path, leaf_path(module_path, leaf)):
             if re.fullmatch(row[0], subject):
                 return row, subject
     return None
+
+
+def leaf_path(module_path: str, leaf: str) -> str:
+    """The path of the leaf `leaf` of our module at `module_path` ("" for the root)."""
+    return f"{module_path}/{leaf}" if module_path else leaf
 
 
 def owns_leaf(module_path: str, leaf: str, name_map: NameMap = ()) -> bool:
@@ -228,7 +233,7 @@ def module_table(
         if "{layer}" in name:
             if not isinstance(paths, Mapping):
                 raise ValueError(f"module_table needs the leaf shapes to expand the stacked module {module_path!r}")
-            num_layers = paths[f"{module_path}/{main}"][0]
+            num_layers = paths[leaf_path(module_path, main)][0]
             entries = {
                 name.replace("{layer}", str(i)): TorchModule(module_path, layout, tuple(leaves), i)
                 for i in range(num_layers)

@@ -18,7 +18,7 @@ from jaxlora._src.atomic_files import shared_atomic_directory
 from jaxlora._src.config import LoraConfig
 from jaxlora._src.derived_plans import shape_tree
 from jaxlora._src.multihost import host_array, is_primary
-from jaxlora._src.name_maps import NameMap, module_table, split_names, to_torch, torch_module, torch_param
+from jaxlora._src.name_maps import NameMap, leaf_path, module_table, split_names, to_torch, torch_module, torch_param
 from jaxlora._src.paths import PyTree, leaves_with_paths
 from jaxlora._src.peft_keys import CONFIG_NAME, MAGNITUDE_KEY, PREFIX, WEIGHTS_NAME
 from jaxlora._src.planning import LeafPlan, Plan, resolve
@@ -342,7 +342,7 @@ def save_peft(
     modules = module_table(resolved.shapes, name_map)
     names = list(modules)
     by_path = {  # plain modules; stacked and split ones by their template, which the export expands
-        f"{m.path}/{leaf}": (name, m.layout)
+        leaf_path(m.path, leaf): (name, m.layout)
         for name, m in modules.items()
         if m.layer is None and m.part is None
         for leaf in m.leaves

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora._src.config import LoraConfig
-from jaxlora._src.name_maps import NameMap, from_torch, module_table, torch_param
+from jaxlora._src.name_maps import NameMap, from_torch, leaf_path, module_table, torch_param
 from jaxlora._src.paths import PyTree, leaves_with_paths, map_with_paths, unflatten_adapters
 from jaxlora._src.peft_keys import CONFIG_NAME, MAGNITUDE_KEY, PREFIX, WEIGHTS_NAME
 from jaxlora._src.planning import Plan
@@ -238,7 +238,7 @@ def _module_path(
             f"{source}: torch module {name!r} holds {kind} LoRA weights, but our module {module_path!r} "
             f"is a {layout} layer with leaves {list(leaves)}; check the name map"
         )
-    return f"{module_path}/{leaf}"
+    return leaf_path(module_path, leaf)
 
 
 def _kernel_leaf(leaves: tuple[str, ...]) -> str:
@@ -586,7 +586,7 @@ def _load_saved(
             )
         for leaf in leaves:
             key = f"{name}.{torch_param(leaf, layout)}"
-            path = f"{module_path}/{leaf}"
+            path = leaf_path(module_path, leaf)
             if key not in tensors:
                 raise ValueError(
                     f"{source} is missing {PREFIX}{key}, the full weight of {name!r} that modules_to_save "
