@@ -382,3 +382,52 @@ def test_peft_files_round_trip_einsum_layouts_and_kernels_named_w(tmp_path):
     np.testing.assert_allclose(out, want, atol=1e-5 * float(np.abs(want - model.apply({"params": params}, x)).max()))
     with pytest.raises(ValueError, match=r"which do not fit our 'attn/(q|kv)_einsum/w' of shape"):
         jaxlora.peft_format.load_peft(path, params)  # without the layouts, inputs would be the leading axes
+
+
+GEMMA_LIKE_NAMES = (  # GemmaLike's kernels as torch modules: split kernels by a group, shared-scope leaves alone
+    ("attn/q_einsum", "attn.q_proj", "linear"),
+    ("attn/kv_einsum", "attn.{k,v}_proj", "linear"),
+    ("attn/attn_vec_einsum", "attn.o_proj", "linear"),
+    ("mlp/gating_einsum", "mlp.{gate,up}_proj", "linear"),
+    ("mlp/linear", "mlp.down_proj", "linear"),
+)
+
+
+def test_peft_files_split_a_kernel_into_torch_modules_and_join_them_back_exactly(tmp_path):
+    """A name map group writes a kernel as one torch module per slice of its first axis (the same A, B sliced), and
+    reads them back: the same adapters where the A's are equal; where they differ (torch-trained), one adapter of
+    rank 2r whose update, slice by slice, is each torch module's own s·B A."""
+    from safetensors.numpy import load_file, save_file
+
+    model, x = GemmaLike(), _x()
+    params = model.init(jax.random.key(0), x)["params"]
+    config = jaxlora.LoraConfig(rank=2, alpha=4.0, targets=(r".*/w", r"mlp/.*"))
+    plan = jaxlora.plan(params, config, model=model, example=x)
+    _, adapters = jaxlora.init(jax.random.key(1), params, plan)
+    adapters = jax.tree.map(lambda a: a + jax.random.normal(jax.random.key(2), a.shape), adapters)
+    path = jaxlora.peft_format.save_peft(tmp_path / "peft", params, adapters, plan, name_map=GEMMA_LIKE_NAMES)
+    tensors = load_file(path / "adapter_model.safetensors")
+    key = "base_model.model.{}.lora_{}.weight".format
+    np.testing.assert_array_equal(tensors[key("attn.k_proj", "A")], tensors[key("attn.v_proj", "A")])
+    gating_b = np.asarray(adapters["mlp"]["gating_einsum"]["lora_b"])  # (r, 2, F)
+    np.testing.assert_array_equal(tensors[key("mlp.up_proj", "B")], gating_b[:, 1].T)
+    _, loaded, loaded_plan = jaxlora.peft_format.load_peft(path, params, name_map=GEMMA_LIKE_NAMES, layouts=plan)
+    jax.tree.map(np.testing.assert_array_equal, loaded, adapters)
+
+    tensors[key("attn.v_proj", "A")] = np.random.default_rng(0).normal(size=(2, D)).astype(np.float32)
+    save_file(tensors, path / "adapter_model.safetensors")
+    _, joined, joined_plan = jaxlora.peft_format.load_peft(path, params, name_map=GEMMA_LIKE_NAMES, layouts=plan)
+    assert joined_plan.leaves["attn/kv_einsum/w"].rank == 4 and joined_plan.leaves["mlp/gating_einsum"].rank == 2
+    w = np.asarray(params["attn"]["kv_einsum"]["w"])  # (2, K, D, H); torch's (K·H, D) per slice
+    delta = np.asarray(formula_merge(params, joined, joined_plan)["attn"]["kv_einsum"]["w"]) - w
+    for i, name in enumerate(("attn.k_proj", "attn.v_proj")):
+        want = loaded_plan.leaves["attn/kv_einsum/w"].scale * tensors[key(name, "B")] @ tensors[key(name, "A")]
+        got = delta[i].transpose(0, 2, 1).reshape(K * H, D)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+    leading = jaxlora.plan(params, jaxlora.LoraConfig(rank=2, targets=(r"attn/kv_einsum/w",)))  # axis 0 an input
+    _, leading_adapters = jaxlora.init(jax.random.key(1), params, leading)
+    with pytest.raises(ValueError, match=r"'attn/kv_einsum/w' .* as the 2 torch modules .* build the plan with model="):
+        jaxlora.peft_format.save_peft(tmp_path / "no", params, leading_adapters, leading, name_map=GEMMA_LIKE_NAMES)
+    with pytest.raises(ValueError, match=r"'attn.k_proj' is a slice of .*'attn/kv_einsum/w'.*layouts="):
+        jaxlora.peft_format.load_peft(path, params, name_map=GEMMA_LIKE_NAMES)

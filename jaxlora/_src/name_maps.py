@@ -6,6 +6,13 @@ of our module paths ("h_0/attn/c_attn"), ``module`` the ``re.sub`` template of t
 wins; a module no row matches uses the generic rule: "a/b/kernel" is torch module "a.b", an ``nn.Linear`` for a
 ``kernel``, an ``nn.Embedding`` for an ``embedding`` and a LayerNorm for a ``scale``.
 ``jaxlora.models.gpt2.PEFT_NAME_MAP`` is such a table.
+
+Two extensions serve kernels that are not one torch module each:
+- a pattern that fully matches a parameter's whole path ("layer_0/mlp/gating_einsum") rather than its module path
+  names that leaf alone, for kernels sharing one scope (gemma's MLP keeps two in "layer_0/mlp");
+- a template with one group of alternatives, "model.layers.\\1.self_attn.{k,v}_proj", names a kernel whose first
+  axis (of one layer) stacks several torch modules: entry i of the group is the torch module of slice i along that
+  axis (gemma's (2, kv_heads, features, head_dim) key-value kernel is torch's k_proj and v_proj).
 """
 
 from __future__ import annotations
@@ -60,23 +67,72 @@ def sequential(modules: Sequence[str], step: int = 2, layout: str = "linear") ->
     return tuple(ModuleName(re.escape(name), str(i * step), layout) for i, name in enumerate(modules))
 
 
-def torch_module(module_path: str, leaf: str, name_map: NameMap = ()) -> tuple[str, str]:
-    """``(torch module name, layout)`` of our module at `module_path` holding `leaf` ("kernel", ...)."""
+def _matching_row(module_path: str, leaf: str, name_map: NameMap) -> tuple[Sequence[str], str] | None:
+    """The first row matching our module at `module_path` (or, tried second per row, its leaf's whole path), and
+    the string it matched; None if no row does."""
     for row in name_map:
+        for subject in (module_path, leaf_path(module_path, leaf)):
+            if re.fullmatch(row[0], subject):
+                return row, subject
+    return None
+
+
+def leaf_path(module_path: str, leaf: str) -> str:
+    """The path of the leaf `leaf` of our module at `module_path` ("" for the root)."""
+    return f"{module_path}/{leaf}" if module_path else leaf
+
+
+def owns_leaf(module_path: str, leaf: str, name_map: NameMap = ()) -> bool:
+    """Whether a row of `name_map` names the leaf `leaf` of `module_path` alone (its pattern matched the leaf's
+    whole path), so that it is a torch module of its own rather than a parameter of the module's."""
+    match = _matching_row(module_path, leaf, name_map)
+    return match is not None and match[1] != module_path
+
+
+def torch_module(module_path: str, leaf: str, name_map: NameMap = ()) -> tuple[str, str]:
+    """``(torch module name, layout)`` of our module at `module_path` holding `leaf` ("kernel", ...).
+
+    The name may hold a ``{layer}`` placeholder (stacked layers) or a ``{a,b}`` group (see `split_names`)."""
+    match = _matching_row(module_path, leaf, name_map)
+    if match is not None:
+        row, subject = match
         pattern, template, layout = row
-        if re.fullmatch(pattern, module_path):
-            if layout not in LAYOUTS:
-                raise ValueError(f"name map row {tuple(row)!r}: layout {layout!r} is not one of {LAYOUTS}")
-            name = re.sub(pattern, template, module_path)
-            if "/" in name:
-                raise ValueError(f"name map row {tuple(row)!r} turns {module_path!r} into {name!r}, which has a '/'")
-            return name, layout
+        if layout not in LAYOUTS:
+            raise ValueError(f"name map row {tuple(row)!r}: layout {layout!r} is not one of {LAYOUTS}")
+        name = re.sub(pattern, template, subject)
+        if "/" in name:
+            raise ValueError(f"name map row {tuple(row)!r} turns {subject!r} into {name!r}, which has a '/'")
+        split_names(name)  # a malformed group raises here, naming the row's result
+        return name, layout
     if "." in module_path:
         raise ValueError(
             f"our module path {module_path!r} contains a '.', so the generic rule cannot name it in torch; "
             "add a (pattern, module, layout) row for it to the name map"
         )
     return module_path.replace("/", "."), _GENERIC_LAYOUT.get(leaf, "linear")
+
+
+_GROUP = re.compile(r"\{([^{}]*)\}")
+
+
+def split_names(name: str) -> tuple[str, ...] | None:
+    """The torch modules a name with one group of alternatives stands for, in order, or None for a plain name.
+
+    Example:
+        >>> split_names("model.layers.0.self_attn.{k,v}_proj")
+        ('model.layers.0.self_attn.k_proj', 'model.layers.0.self_attn.v_proj')
+    """
+    groups = [m for m in _GROUP.finditer(name) if m[1] != "layer"]
+    if not groups:
+        return None
+    entries = groups[0][1].split(",")
+    if len(groups) > 1 or len(entries) < 2 or not all(entries):
+        raise ValueError(
+            f"torch module name {name!r}: a name map template may hold one group of two or more alternatives, "
+            "e.g. 'model.layers.\\1.self_attn.{k,v}_proj' (besides a {layer} placeholder)"
+        )
+    start, end = groups[0].span()
+    return tuple(name[:start] + entry + name[end:] for entry in entries)
 
 
 def torch_param(leaf: str, layout: str) -> str:
@@ -137,13 +193,15 @@ def _torch_shape(shape: tuple[int, ...], leaf: str, layout: str) -> list[tuple[i
 
 
 class TorchModule(NamedTuple):
-    """One torch module of a model: our module path, its torch layout, our leaf names, and, for a module whose
-    layers are stacked (a name map template with ``{layer}``), which layer of the stack it is."""
+    """One torch module of a model: our module path, its torch layout, our leaf names, for a module whose layers
+    are stacked (a name map template with ``{layer}``) which layer of the stack it is, and for a kernel whose first
+    axis stacks several torch modules (a template with a ``{a,b}`` group) which slice along that axis it is."""
 
     path: str
     layout: str
     leaves: tuple[str, ...]
     layer: int | None = None
+    part: int | None = None
 
 
 def module_table(
@@ -152,31 +210,39 @@ def module_table(
     """``{torch module name: TorchModule}`` for every module in `paths` with a name.
 
     A name map template containing ``{layer}`` names a stacked module (leaves of shape (L, ...)): it is expanded
-    into one torch module per layer, which needs `paths` to be a mapping from path to shape. Modules the generic
-    rule cannot name (a '.' in the path) are left out. Raises ValueError when two of our modules get the same
-    torch name (a name map that is not one-to-one).
+    into one torch module per layer, which needs `paths` to be a mapping from path to shape. A template with a
+    ``{a,b}`` group is expanded into one torch module per entry (`split_names`). A leaf a row names alone
+    (`owns_leaf`) is a module of its own. Modules the generic rule cannot name (a '.' in the path) are left out.
+    Raises ValueError when two of our modules get the same torch name (a name map that is not one-to-one).
     """
-    leaves_of: dict[str, list[str]] = {}
+    leaves_of: dict[tuple[str, str | None], list[str]] = {}  # (module path, the leaf if it is a module alone)
     for path in paths:
         module_path, _, leaf = path.rpartition("/")
-        leaves_of.setdefault(module_path, []).append(leaf)
+        own = leaf if owns_leaf(module_path, leaf, name_map) else None
+        leaves_of.setdefault((module_path, own), []).append(leaf)
     table: dict[str, TorchModule] = {}
-    for module_path, leaves in leaves_of.items():
+    for (module_path, _), leaves in leaves_of.items():
         main = next((leaf for leaf in leaves if leaf in _GENERIC_LAYOUT), leaves[0])
         try:
             name, layout = torch_module(module_path, main, name_map)
         except ValueError:
-            if any(re.fullmatch(row[0], module_path) for row in name_map):
+            if _matching_row(module_path, main, name_map) is not None:
                 raise  # a bad row, not a module outside the map
             continue
         entries = {name: TorchModule(module_path, layout, tuple(leaves))}
         if "{layer}" in name:
             if not isinstance(paths, Mapping):
                 raise ValueError(f"module_table needs the leaf shapes to expand the stacked module {module_path!r}")
-            num_layers = paths[f"{module_path}/{main}"][0]
+            num_layers = paths[leaf_path(module_path, main)][0]
             entries = {
                 name.replace("{layer}", str(i)): TorchModule(module_path, layout, tuple(leaves), i)
                 for i in range(num_layers)
+            }
+        if split_names(name):  # one torch module per slice of the kernel's first axis
+            entries = {
+                part_name: module._replace(part=i)
+                for entry_name, module in entries.items()
+                for i, part_name in enumerate(split_names(entry_name))
             }
         for torch_name, entry in entries.items():
             if torch_name in table:

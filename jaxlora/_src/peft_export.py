@@ -18,7 +18,7 @@ from jaxlora._src.atomic_files import shared_atomic_directory
 from jaxlora._src.config import LoraConfig
 from jaxlora._src.derived_plans import shape_tree
 from jaxlora._src.multihost import host_array, is_primary
-from jaxlora._src.name_maps import NameMap, module_table, to_torch, torch_module, torch_param
+from jaxlora._src.name_maps import NameMap, leaf_path, module_table, split_names, to_torch, torch_module, torch_param
 from jaxlora._src.paths import PyTree, leaves_with_paths
 from jaxlora._src.peft_keys import CONFIG_NAME, MAGNITUDE_KEY, PREFIX, WEIGHTS_NAME
 from jaxlora._src.planning import LeafPlan, Plan, resolve
@@ -98,21 +98,22 @@ def _adapter_tensors(plan: Plan, pairs: Mapping, torch_name: TorchName, names: l
                 f"module {template!r}, which holds one weight; give them torch names of their own in the name map, "
                 "or adapt one of them"
             )
-        for name, pair in _per_layer(path, leaf, pairs[path], template):
+        for layer_name, layer_pair in _per_layer(path, leaf, pairs[path], template):
             rank, alpha = leaf.rank, leaf.alpha
             if config.init == "eva" and leaf.stacked_axes and not config.use_rslora:
-                pair, rank = _eva_layer_rank(pair)
+                layer_pair, rank = _eva_layer_rank(layer_pair)
                 alpha = leaf.scale * rank  # PEFT's EVA alpha x new_rank / r: the scale alpha / r is kept
-            for suffix, tensor in _lora_tensors(pair, layout, path).items():
-                tensors[f"{PREFIX}{name}.{suffix}"] = tensor
-            if "magnitude" in pair:
-                tensors[f"{PREFIX}{name}.{MAGNITUDE_KEY}"] = _magnitude_tensor(pair, layout, path)
-            targets.append(name)
-            layouts.add(layout)
-            if rank != config.rank:
-                rank_pattern[_pattern_key(name, names)] = rank
-            if alpha != config.alpha:
-                alpha_pattern[_pattern_key(name, names)] = _peft_number(alpha)
+            for name, pair in _per_part(path, leaf, layer_pair, layer_name):
+                for suffix, tensor in _lora_tensors(pair, layout, path).items():
+                    tensors[f"{PREFIX}{name}.{suffix}"] = tensor
+                if "magnitude" in pair:
+                    tensors[f"{PREFIX}{name}.{MAGNITUDE_KEY}"] = _magnitude_tensor(pair, layout, path)
+                targets.append(name)
+                layouts.add(layout)
+                if rank != config.rank:
+                    rank_pattern[_pattern_key(name, names)] = rank
+                if alpha != config.alpha:
+                    alpha_pattern[_pattern_key(name, names)] = _peft_number(alpha)
         peft_scale = leaf.alpha / (math.sqrt(leaf.rank) if config.use_rslora else leaf.rank)
         if not math.isclose(peft_scale, leaf.scale, rel_tol=1e-6):
             raise RuntimeError(f"PEFT would scale {path!r} by {peft_scale}, jaxlora by {leaf.scale}: please report")
@@ -154,6 +155,29 @@ def _per_layer(path: str, leaf: LeafPlan, pair: Mapping, template: str) -> list[
     return [(template.replace("{layer}", str(i)), {"lora_a": a[i], "lora_b": b[i]}) for i in layers]
 
 
+def _per_part(path: str, leaf: LeafPlan, pair: Mapping, name: str) -> list[tuple[str, dict]]:
+    """(torch module name, pair) for every torch module one layer's kernel is: itself, or, for a name with a
+    ``{a,b}`` group, one per slice of the kernel's first axis, each with the same A and its slice of B (exact)."""
+    parts = split_names(name)
+    if parts is None:
+        return [(name, pair)]
+    shape = leaf.layer_shape
+    if 0 in leaf.layer_in_axes or shape[0] != len(parts):
+        raise ValueError(
+            f"cannot export the LoRA adapter of {path!r} (one layer {shape}, inputs on axes {leaf.layer_in_axes}) "
+            f"as the {len(parts)} torch modules {list(parts)}: their weights are slices of its first axis, so that "
+            f"axis must have size {len(parts)} and not meet x; build the plan with model= and example= so that "
+            "the kernel's input axes are read from its operation, or fix the name map's row"
+        )
+    if "magnitude" in pair:
+        raise ValueError(
+            f"cannot export the DoRA adapter of {path!r} as the torch modules {list(parts)}: jaxlora writes DoRA "
+            "for kernels that are one torch module; exclude it from the targets, or use plain LoRA"
+        )
+    b = np.asarray(pair["lora_b"])  # (r, *out): its axis 1 is the kernel's first axis, the first output axis
+    return [(part, {"lora_a": pair["lora_a"], "lora_b": b[:, i]}) for i, part in enumerate(parts)]
+
+
 def _saved_tensors(plan: Plan, params: PyTree, torch_name: TorchName, names: list[str]) -> tuple[dict, list[str]]:
     """The full weights of the modules_to_save modules under their torch names, and those module names."""
     values = dict(leaves_with_paths(params))
@@ -162,6 +186,11 @@ def _saved_tensors(plan: Plan, params: PyTree, torch_name: TorchName, names: lis
     for path in {p.rpartition("/")[0]: p for p in plan.saved}.values():
         module_path = path.rpartition("/")[0]
         name, layout = torch_name(path)
+        if split_names(name):
+            raise ValueError(
+                f"cannot export {path!r} as a PEFT modules_to_save entry: the name map splits it into the torch "
+                f"modules {list(split_names(name))}, whose full weights jaxlora does not write; train it as an adapter"
+            )
         if "{layer}" in name:
             raise ValueError(
                 f"cannot export {path!r} as a PEFT modules_to_save entry: it is stacked, and PEFT saves whole "
@@ -312,11 +341,16 @@ def save_peft(
         )
     modules = module_table(resolved.shapes, name_map)
     names = list(modules)
-    by_path = {m.path: (name, m.layout) for name, m in modules.items() if m.layer is None}
+    by_path = {  # plain modules; stacked and split ones by their template, which the export expands
+        leaf_path(m.path, leaf): (name, m.layout)
+        for name, m in modules.items()
+        if m.layer is None and m.part is None
+        for leaf in m.leaves
+    }
 
     def torch_name(path: str) -> tuple[str, str]:
         module_path, _, leaf = path.rpartition("/")
-        return by_path.get(module_path) or torch_module(module_path, leaf, name_map)  # the latter raises
+        return by_path.get(path) or torch_module(module_path, leaf, name_map)  # the latter raises if unnamed
 
     tensors, entries = _adapter_tensors(resolved, pairs, torch_name, names)
     saved, saved_modules = _saved_tensors(resolved, params, torch_name, names)

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
+import numpy as np
 
 from jaxlora._src.config import LoraConfig
-from jaxlora._src.name_maps import NameMap, from_torch, module_table, torch_param
+from jaxlora._src.name_maps import NameMap, from_torch, leaf_path, module_table, torch_param
 from jaxlora._src.paths import PyTree, leaves_with_paths, map_with_paths, unflatten_adapters
 from jaxlora._src.peft_keys import CONFIG_NAME, MAGNITUDE_KEY, PREFIX, WEIGHTS_NAME
 from jaxlora._src.planning import Plan
@@ -214,7 +215,7 @@ def _module_path(
     name: str, kind: str, factor: Mapping[str, Any], modules: Modules, source: Path, use_dora: bool = False
 ) -> str:
     """Our param path for the LoRA factors of torch module `name`, after checking they fit that module."""
-    module_path, layout, leaves, _ = modules[name]
+    module_path, layout, leaves = modules[name][:3]
     missing_factor = {"lora_a", "lora_b"} - set(factor)
     if not missing_factor and use_dora and "magnitude" not in factor:
         raise ValueError(
@@ -237,7 +238,7 @@ def _module_path(
             f"{source}: torch module {name!r} holds {kind} LoRA weights, but our module {module_path!r} "
             f"is a {layout} layer with leaves {list(leaves)}; check the name map"
         )
-    return f"{module_path}/{leaf}"
+    return leaf_path(module_path, leaf)
 
 
 def _kernel_leaf(leaves: tuple[str, ...]) -> str:
@@ -261,20 +262,25 @@ def _convert_factors(
     use_rslora = bool(peft_config.get("use_rslora", False))
     out = _Converted({}, {}, {}, {}, {}, {})
     per_layer: dict[str, dict[int, dict[str, Any]]] = {}
+    parts: dict[str, dict[int | None, dict[int, _Part]]] = {}  # kernels that are several torch modules
     for name, factor in sorted(sorted_.factors.items()):
-        kind, layer = sorted_.kinds[name], modules[name].layer
+        kind, module = sorted_.kinds[name], modules[name]
         path = _module_path(name, kind, factor, modules, source, bool(peft_config.get("use_dora")))
-        shape = shapes[path] if layer is None else shapes[path][1:]
-        pair, out.fan_in_ndims[path] = _convert_pair(factor, kind, name, path, shape, str(source), layouts.get(path))
-        if layer is None:
-            out.pairs[path] = pair
+        shape = shapes[path] if module.layer is None else shapes[path][1:]
+        if module.part is None:
+            pair, out.fan_in_ndims[path] = _convert_pair(
+                factor, kind, name, path, shape, str(source), layouts.get(path)
+            )
         else:
-            per_layer.setdefault(path, {})[layer] = pair
+            pair, out.fan_in_ndims[path] = _convert_part(
+                factor, kind, name, path, shape, str(source), layouts.get(path)
+            )
         rank = pair["lora_a"].shape[-1]
         if out.ranks.setdefault(path, rank) != rank:
             raise ValueError(
-                f"{source}: the layers of {path!r} have LoRA ranks {out.ranks[path]} and {rank}; jaxlora stacks one "
-                "rank per stacked kernel: export the adapter with one rank for these modules"
+                f"{source}: the torch modules of {path!r} (its layers, or the slices a name map group names) have "
+                f"LoRA ranks {out.ranks[path]} and {rank}; jaxlora holds one rank per kernel: export the adapter "
+                "with one rank for these modules"
             )
         want_rank = _pattern_value(peft_config.get("rank_pattern") or {}, name, r_default)
         if rank != want_rank:
@@ -284,6 +290,27 @@ def _convert_factors(
             )
         alpha = out.alphas[path] = float(_pattern_value(peft_config.get("alpha_pattern") or {}, name, alpha_default))
         out.scales[path] = alpha / (math.sqrt(rank) if use_rslora else rank)
+        if module.part is not None:
+            parts.setdefault(path, {}).setdefault(module.layer, {})[module.part] = _Part(pair, alpha, out.scales[path])
+        elif module.layer is None:
+            out.pairs[path] = pair
+        else:
+            per_layer.setdefault(path, {})[module.layer] = pair
+    for path, groups in parts.items():
+        count = _part_count(modules, path)
+        layer_shape = shapes[path] if None in groups else shapes[path][1:]
+        if layer_shape[0] != count:
+            raise ValueError(
+                f"{source}: the name map splits our {path!r} (one layer {layer_shape}) into {count} torch modules "
+                f"along its first axis, which has size {layer_shape[0]}; fix the name map's row"
+            )
+        joined = _join_parts(groups, count, use_rslora)
+        out.ranks[path], out.alphas[path], out.scales[path] = joined.rank, joined.alpha, joined.scale
+        for layer, pair in joined.pairs.items():
+            if layer is None:
+                out.pairs[path] = pair
+            else:
+                per_layer.setdefault(path, {})[layer] = pair
     for path, layers in per_layer.items():
         out.pairs[path], out.layers[path] = _stacked_pair(layers, shapes[path][0])
     if not out.pairs:
@@ -299,6 +326,70 @@ def _stacked_pair(layers: Mapping[int, Mapping[str, Any]], num_layers: int) -> t
         for name in ("lora_a", "lora_b")
     }
     return stacked, None if len(layers) == num_layers else tuple(sorted(layers))
+
+
+class _Part(NamedTuple):
+    """One torch module's factors in our layout of its slice of a kernel, and its PEFT alpha and scale."""
+
+    pair: dict[str, Any]
+    alpha: float
+    scale: float
+
+
+class _Joined(NamedTuple):
+    """A kernel's adapter joined from its slices' torch modules: one pair per layer (None: not stacked)."""
+
+    pairs: dict[int | None, dict[str, Any]]
+    rank: int
+    alpha: float
+    scale: float
+
+
+def _part_count(modules: Modules, path: str) -> int:
+    """How many torch modules the name map splits our kernel `path` into (the entries of its group)."""
+    module_path, _, leaf = path.rpartition("/")
+    found = [m.part for m in modules.values() if m.part is not None and m.path == module_path and leaf in m.leaves]
+    return max(found) + 1
+
+
+def _join_parts(groups: Mapping[int | None, Mapping[int, _Part]], count: int, use_rslora: bool) -> _Joined:
+    """One kernel's adapter from the LoRA factors of the torch modules that are slices of its first axis.
+
+    Where every module of every layer has the same A and scale (as `save_peft` writes them), A is that A and B
+    stacks their B's: rank r, exact. Otherwise A = [A_0 | A_1 | ...] and B is block-diagonal (slice i of the
+    first axis is A_i B_i), rank count·r with the scale of the first module (the others' scales folded into
+    their B's): exact as well. A torch module the file has no factors for contributes nothing (zeros).
+    """
+    first = next(iter(groups.values()))
+    ref = first[min(first)]
+    rank = ref.pair["lora_a"].shape[-1]
+    shared = all(
+        part.scale == ref.scale and np.array_equal(part.pair["lora_a"], ref.pair["lora_a"])
+        for group in groups.values()
+        for part in group.values()
+    )
+    pairs = {layer: _joined_pair(group, count, rank, ref.scale, shared) for layer, group in groups.items()}
+    if shared:
+        return _Joined(pairs, rank, ref.alpha, ref.scale)
+    total = count * rank
+    return _Joined(pairs, total, ref.scale * (math.sqrt(total) if use_rslora else total), ref.scale)
+
+
+def _joined_pair(group: Mapping[int, _Part], count: int, rank: int, scale: float, shared: bool) -> dict[str, Any]:
+    """One layer's (A, B) of `_join_parts`: B's axis 1 is the kernel's first axis (its first output axis)."""
+    some = next(iter(group.values())).pair
+    ins, outs, dtype = some["lora_a"].shape[:-1], some["lora_b"].shape[1:], np.asarray(some["lora_a"]).dtype
+    if shared:
+        b = np.zeros((rank, count, *outs), dtype)
+        for i, part in group.items():
+            b[:, i] = part.pair["lora_b"]
+        return {"lora_a": jnp.asarray(some["lora_a"]), "lora_b": jnp.asarray(b)}
+    a = np.zeros((*ins, count * rank), dtype)
+    b = np.zeros((count * rank, count, *outs), dtype)
+    for i, part in group.items():
+        a[..., i * rank : (i + 1) * rank] = part.pair["lora_a"]
+        b[i * rank : (i + 1) * rank, i] = np.asarray(part.pair["lora_b"]) * (part.scale / scale)
+    return {"lora_a": jnp.asarray(a), "lora_b": jnp.asarray(b)}
 
 
 def _jaxlora_config(
@@ -367,7 +458,8 @@ def load_peft(
     saved_names = peft_config.get("modules_to_save") or []
     sorted_ = _sort_tensors(tensors, modules, saved_names, source, bool(peft_config.get("use_dora")))
     _check_coverage(sorted_.factors, modules, peft_config, source)
-    in_axes = {} if layouts is None else {p: leaf.in_axes for p, leaf in layouts.leaves.items() if leaf.in_axes}
+    # every kernel of `layouts` by its axes (a leading fan-in is ambiguous from the factors when an axis has size 1)
+    in_axes = {} if layouts is None else {p: leaf.layer_in_axes for p, leaf in layouts.leaves.items()}
     converted = _convert_factors(sorted_, modules, shapes, peft_config, source, in_axes)
     new_params, saved_paths = _load_saved(params, flat_params, sorted_.saved, modules, saved_names, str(source))
     # PEFT allows a rank above min(in, out) (the update's rank is still at most that): warn, do not refuse a file
@@ -424,6 +516,33 @@ def _convert_pair(
     return {"lora_a": a, "lora_b": b, "magnitude": magnitude.reshape(shape[k:])}, k
 
 
+def _convert_part(
+    factor: Mapping[str, Any],
+    kind: str,
+    name: str,
+    path: str,
+    shape: tuple[int, ...],
+    source: str,
+    in_axes: tuple[int, ...] | None,
+) -> tuple[dict[str, Any], tuple[int, ...]]:
+    """Our (A, B) for torch module `name`, one slice of our kernel's first axis (B without that axis), and the
+    kernel's input axes."""
+    if kind != "linear" or "magnitude" in factor:
+        what = "Embedding LoRA weights" if kind != "linear" else "a DoRA magnitude"
+        raise ValueError(
+            f"{source}: torch module {name!r} holds {what}, but the name map makes it one slice of our kernel "
+            f"{path!r}, which jaxlora reads for plain linear LoRA only; check the name map"
+        )
+    if in_axes is None or 0 in in_axes:
+        raise ValueError(
+            f"{source}: torch module {name!r} is a slice of the first axis of our {path!r} (a name map group), "
+            f"which needs that kernel's input axes (not its first): pass layouts=jaxlora.plan(params, config, "
+            f"model=..., example=...), whose plan reads them from the model (now {in_axes})"
+        )
+    part_axes = tuple(d - 1 for d in in_axes)
+    return _convert_with_layout(factor["lora_a"], factor["lora_b"], name, path, shape[1:], source, part_axes), in_axes
+
+
 def _convert_with_layout(lora_a, lora_b, name, path, shape, source, in_axes) -> dict[str, Any]:
     """Our (A, B) for a kernel whose inputs are its axes `in_axes` (A over those, B over the others, in W's order)."""
     ins = [shape[d] for d in in_axes]
@@ -452,9 +571,14 @@ def _load_saved(
 ) -> tuple[PyTree, list[str]]:
     """`params` with the modules_to_save weights in `tensors` put in, and the paths they replaced."""
     values: dict[str, Any] = {}
-    for name, (module_path, layout, leaves, layer) in modules.items():
+    for name, (module_path, layout, leaves, layer, part) in modules.items():
         if not any(name.endswith(m) for m in saved_names):
             continue
+        if part is not None:
+            raise ValueError(
+                f"{source}: modules_to_save names {name!r}, one slice of our {module_path!r} (a name map group); "
+                "jaxlora cannot put one slice's full weights into the kernel: train it as an adapter instead"
+            )
         if layer is not None:
             raise ValueError(
                 f"{source}: modules_to_save names {name!r}, one layer of our stacked {module_path!r}; jaxlora "
@@ -462,7 +586,7 @@ def _load_saved(
             )
         for leaf in leaves:
             key = f"{name}.{torch_param(leaf, layout)}"
-            path = f"{module_path}/{leaf}"
+            path = leaf_path(module_path, leaf)
             if key not in tensors:
                 raise ValueError(
                     f"{source} is missing {PREFIX}{key}, the full weight of {name!r} that modules_to_save "
