@@ -2,7 +2,8 @@
 # Lint and the test suite, in .venv (set up on first use). By default the fast set; with --all (as .ci/run
 # does) also the tests marked slow: the examples' end-to-end runs, the MNIST build, the README's snippets, the
 # child processes (killed mid-save, simulated devices, several processes) and the benchmark smoke run, and then
-# tests/zoo (the drop-in contract on gemma's and tunix's models) in its own .venv-zoo (scripts/setup.sh zoo).
+# tests/zoo (the drop-in contract on gemma's and tunix's models) in its own .venv-zoo (scripts/setup.sh zoo, run
+# while the main suite runs).
 # Other arguments go to pytest (e.g. a file, -k, -x, or -m "slow" for the slow set alone). The tests run in one
 # process per core (pytest-xdist, each test file in one process so that its compiled functions are shared);
 # -n 0 runs them in this process (for -s or a debugger).
@@ -32,6 +33,14 @@ fi
 if [ "$zoo" = 0 ]; then
   exec .venv/bin/python -m pytest -n auto --dist loadfile ${select[@]+"${select[@]}"} "$@"
 fi
+# .venv-zoo installs (downloads and disk, mostly) while the main suite runs; a failing suite stops it (a later
+# setup.sh zoo finishes the install, its marker file not being written yet).
+zoo_log="$(mktemp)"
+bash scripts/setup.sh zoo > "$zoo_log" 2>&1 &
+zoo_setup=$!
+trap 'kill "$zoo_setup" 2> /dev/null || true' EXIT
 .venv/bin/python -m pytest -n auto --dist loadfile --durations=20 "$@"  # the slowest 20 in the log
-bash scripts/setup.sh zoo
+wait "$zoo_setup" || { cat "$zoo_log"; exit 1; }
+trap - EXIT
+cat "$zoo_log"
 exec .venv-zoo/bin/python -m pytest -n auto --dist load -m zoo "$@" tests/zoo  # each model its own compiles: spread by test
