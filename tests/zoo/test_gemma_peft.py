@@ -18,7 +18,7 @@ import pytest
 from safetensors.numpy import load_file
 from test_gemma import HEAD_DIM, HEADS, HIDDEN, VOCAB, D, tiny_gemma3
 from test_tunix_peft import assert_logits_close
-from torch_side import run_torch
+from torch_side import logits_both_ways
 
 import jaxlora
 from jaxlora.name_maps import gemma_name_map
@@ -85,19 +85,7 @@ def test_gemma_adapters_cross_to_torch_peft_and_back(tmp_path):
     save_peft(tmp_path / "from_jax", shaped_params, adapters, plan, name_map=gemma_name_map(), task_type="CAUSAL_LM")
 
     np.save(tmp_path / "tokens.npy", tokens)
-    run_torch({
-        "family": "gemma3", "config": HF_CONFIG, "seed": 0, "checkpoint": str(tmp_path / "hf"),
-        "tokens": str(tmp_path / "tokens.npy"),
-        "make_adapter": {"dir": str(tmp_path / "from_torch"), "peft": TORCH_LORA, "seed": 4},
-        "logits": [
-            {"adapter": None, "out": str(tmp_path / "base.npy")},
-            {"adapter": str(tmp_path / "from_jax"), "out": str(tmp_path / "jax_adapter.npy")},
-            {"adapter": str(tmp_path / "from_torch"), "out": str(tmp_path / "torch_adapter.npy")},
-        ],
-    })  # fmt: skip
-    torch_base, torch_with_jax, torch_with_torch = (
-        np.load(tmp_path / f"{n}.npy") for n in ("base", "jax_adapter", "torch_adapter")
-    )
+    torch_base, torch_with_jax, torch_with_torch = logits_both_ways(tmp_path, "gemma3", HF_CONFIG, TORCH_LORA, 4)
 
     params = _gemma_params(tmp_path / "hf")
     jax.tree.map(lambda a, b: np.testing.assert_equal(a.shape, b.shape), params, shaped_params)

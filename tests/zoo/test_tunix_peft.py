@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from torch_side import run_torch
+from torch_side import logits_both_ways
 from tunix.models.gemma3 import model as gemma3
 from tunix.models.gemma3 import params_safetensors as gemma3_params
 from tunix.models.llama3 import model as llama3
@@ -121,19 +121,7 @@ def test_tunix_adapters_cross_to_torch_peft_and_back(family, tmp_path):
         r=2, lora_alpha=5, target_modules=peft_targets, rank_pattern={"up_proj": 3}, alpha_pattern={"v_proj": 3},
         init_lora_weights=False, task_type="CAUSAL_LM",
     )  # fmt: skip
-    run_torch({
-        "family": torch_family, "config": hf_config, "seed": 0, "checkpoint": str(tmp_path / "hf"),
-        "tokens": str(tmp_path / "tokens.npy"),
-        "make_adapter": {"dir": str(tmp_path / "from_torch"), "peft": torch_lora, "seed": 3},
-        "logits": [
-            {"adapter": None, "out": str(tmp_path / "base.npy")},
-            {"adapter": str(tmp_path / "from_jax"), "out": str(tmp_path / "jax_adapter.npy")},
-            {"adapter": str(tmp_path / "from_torch"), "out": str(tmp_path / "torch_adapter.npy")},
-        ],
-    })  # fmt: skip
-    torch_base, torch_with_jax, torch_with_torch = (
-        np.load(tmp_path / f"{n}.npy") for n in ("base", "jax_adapter", "torch_adapter")
-    )
+    torch_base, torch_with_jax, torch_with_torch = logits_both_ways(tmp_path, torch_family, hf_config, torch_lora, 3)
 
     model = loader.create_model_from_safe_tensors(str(tmp_path / "hf"), config, dtype=jnp.float32)
     params = nnx.state(model, nnx.Param)

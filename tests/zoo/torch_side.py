@@ -22,6 +22,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -44,6 +46,23 @@ def run_torch(job: dict) -> None:
         [str(torch_python()), __file__, json.dumps(job)], capture_output=True, text=True, env=env, timeout=600
     )
     assert done.returncode == 0, f"the torch side failed:\n{done.stdout}\n{done.stderr}"
+
+
+def logits_both_ways(tmp_path: Path, family: str, config: dict, torch_lora: dict, adapter_seed: int) -> tuple:
+    """(base, with jaxlora's adapter, with a torch-made adapter) logits of the Hugging Face model `family` built by
+    `config` (seed 0, saved to tmp_path/"hf"), on tmp_path/"tokens.npy"; jaxlora's adapter is read from
+    tmp_path/"from_jax", torch's (peft `torch_lora`, `adapter_seed`) written to tmp_path/"from_torch"."""
+    run_torch({
+        "family": family, "config": config, "seed": 0, "checkpoint": str(tmp_path / "hf"),
+        "tokens": str(tmp_path / "tokens.npy"),
+        "make_adapter": {"dir": str(tmp_path / "from_torch"), "peft": torch_lora, "seed": adapter_seed},
+        "logits": [
+            {"adapter": None, "out": str(tmp_path / "base.npy")},
+            {"adapter": str(tmp_path / "from_jax"), "out": str(tmp_path / "jax_adapter.npy")},
+            {"adapter": str(tmp_path / "from_torch"), "out": str(tmp_path / "torch_adapter.npy")},
+        ],
+    })  # fmt: skip
+    return tuple(np.load(tmp_path / f"{n}.npy") for n in ("base", "jax_adapter", "torch_adapter"))
 
 
 def _model(family: str, config: dict, seed: int, checkpoint: Path):
