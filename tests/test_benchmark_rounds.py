@@ -90,3 +90,31 @@ def test_rounds_alternate_the_order_and_start_fresh_processes(monkeypatch, tmp_p
     assert len(result["rounds"]) == 3 and result["schedule"]["rounds"] == 3
     target = next(t for t in result["targets"] if t["target"] == PEFT_TARGET)
     assert len(target["round_values"]) == 3
+
+
+def _qwen3_result(step: float, compile_s: float = 6.0, memory: int = 2**20, rss: float = 1000.0) -> dict:
+    return _ok(step, compile_s=compile_s, step_peak_bytes=memory, step_temp_bytes=memory, peak_rss_mb=rss)
+
+
+def test_tunix_qwen3_ratios_are_judged_per_round_and_skip_failed_rounds():
+    """jaxlora / qwix is the median of the per-round ratios (not a ratio of medians), and a round in which either
+    configuration failed contributes no ratio."""
+    from benchmarks import tunix_qwen3
+
+    rounds = [
+        {"jaxlora": _qwen3_result(1.0), "jaxlora_merged": _qwen3_result(2.0), "qwix": _qwen3_result(2.0)},
+        {"jaxlora": _qwen3_result(3.0), "jaxlora_merged": _qwen3_result(4.0), "qwix": _qwen3_result(6.0)},
+        {"jaxlora": _qwen3_result(2.0), "jaxlora_merged": _qwen3_result(2.5), "qwix": _qwen3_result(1.0)},
+        {"jaxlora": _qwen3_result(1.0), "jaxlora_merged": _qwen3_result(9.0), "qwix": {"status": "failed"}},
+    ]
+    summary = tunix_qwen3.summary(rounds)
+    step = summary["ratios"]["step jaxlora / qwix"]
+    assert step["rounds"] == [0.5, 0.5, 2.0] and step["median"] == 0.5  # the ratio of the medians is 2.0 / 2.0
+    assert (step["min"], step["max"]) == (0.5, 2.0)
+    merged = summary["ratios"]["step jaxlora / jaxlora_merged"]
+    assert merged["rounds"] == [0.5, 0.75, 0.8, 1 / 9] and merged["median"] == pytest.approx((0.5 + 0.75) / 2)
+    assert summary["configs"]["qwix"]["step_s"] == 2.0  # the median over the rounds that ran
+    table = tunix_qwen3.markdown(
+        {"summary": summary, "shape": {}, "command": "cmd", "date": "d", "rounds": 4, "load_average_before": [1.0]}
+    )
+    assert "| step jaxlora / qwix | 0.50 | 0.50-2.00 |" in table
