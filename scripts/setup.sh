@@ -5,7 +5,10 @@
 # libraries of tests/zoo (gemma, tunix) need versions that conflict with the test set's, so they get their own venv.
 # pip runs only when pyproject.toml or the constraints changed since the last install of that extra (or of "test",
 # which includes "examples", or of "docs", which includes "test"): the install is editable, so code changes need none.
-# pip's full output goes to $venv/pip.log.
+# pip's full output goes to $venv/pip.log. pip leaves the .py files uncompiled (--no-compile): Python compiles a module
+# when it is first imported, so only what is used gets compiled (measured 2026-12-07 on the 2 cores, nothing else
+# running: .venv-zoo installed in 2 min 07 s and 112 s of CPU, against 4 min 34 s and 244 s with pip compiling all
+# of its 28,000 files).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extra="${1:-examples}"
@@ -40,7 +43,7 @@ else
 fi
 rm -f "$venv"/.installed-*
 set +e
-PYTHONUNBUFFERED=1 "$venv"/bin/python -m pip install --progress-bar off -c "$constraints" -e ".[${extras}]" 2>&1 | tee "$venv"/pip.log |
+PYTHONUNBUFFERED=1 "$venv"/bin/python -m pip install --no-compile --progress-bar off -c "$constraints" -e ".[${extras}]" 2>&1 | tee "$venv"/pip.log |
   grep --line-buffered -E '^(Collecting|Installing collected packages)' |
   awk '{ print "setup: " substr($0, 1, 110); fflush() }'
 status="${PIPESTATUS[0]}"

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Lint and the test suite, in .venv (set up on first use). By default the fast set; with --all (as .ci/run
 # does) also the tests marked slow: the examples' end-to-end runs, the MNIST build, the README's snippets, the
-# child processes (killed mid-save, simulated devices, several processes) and the benchmark smoke run, and then
-# tests/zoo (the drop-in contract on gemma's and tunix's models) in its own .venv-zoo (scripts/setup.sh zoo, run
-# while the main suite runs).
+# child processes (killed mid-save, simulated devices, several processes) and the benchmark smoke run, and
+# tests/zoo (the drop-in contract on gemma's and tunix's models) in its own .venv-zoo (scripts/setup.sh zoo), which
+# installs and runs in the background beside the main suite (its log is printed at the end).
 # Other arguments go to pytest (e.g. a file, -k, -x, or -m "slow" for the slow set alone). The tests run in one
-# process per core (pytest-xdist, each test file in one process so that its compiled functions are shared);
-# -n 0 runs them in this process (for -s or a debugger).
+# process per core (pytest-xdist, each test file in one process so that its compiled functions are shared; files
+# with the most slow tests first, so that no long file starts last); -n 0 runs them in this process (for -s or a
+# debugger). Most tests compile with XLA's cheaper CPU code generation (tests/conftest.py says why and which do not):
+# --all runs the few marked default_codegen in a second pytest run, with XLA's default.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
@@ -30,17 +32,23 @@ elif [ "${JAXLORA_TEST_JAX_CACHE:-0}" = "1" ] && [ "${CI:-}" != "true" ]; then
   export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="${JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES:--1}"
 fi
 .venv/bin/ruff check .
+xdist=(-n auto --dist loadfile --no-loadscope-reorder)  # the files in tests/conftest.py's order, not by test count
 if [ "$zoo" = 0 ]; then
-  exec .venv/bin/python -m pytest -n auto --dist loadfile ${select[@]+"${select[@]}"} "$@"
+  exec .venv/bin/python -m pytest "${xdist[@]}" ${select[@]+"${select[@]}"} "$@"
 fi
-# .venv-zoo installs (downloads and disk, mostly) while the main suite runs; a failing suite stops it (a later
-# setup.sh zoo finishes the install, its marker file not being written yet).
+# .venv-zoo installs (scripts/setup.sh zoo) and its tests run in the background while the main suite runs; a failing
+# suite stops them (a later setup.sh zoo finishes the install, its marker file not being written yet).
 zoo_log="$(mktemp)"
-bash scripts/setup.sh zoo > "$zoo_log" 2>&1 &
-zoo_setup=$!
-trap 'kill "$zoo_setup" 2> /dev/null || true' EXIT
-.venv/bin/python -m pytest -n auto --dist loadfile --durations=20 "$@"  # the slowest 20 in the log
-wait "$zoo_setup" || { cat "$zoo_log"; exit 1; }
+(bash scripts/setup.sh zoo && .venv-zoo/bin/python -m pytest -n auto --dist load -m zoo "$@" tests/zoo) > "$zoo_log" 2>&1 &
+zoo_run=$!
+trap 'kill "$zoo_run" 2> /dev/null || true' EXIT
+# pytest's exit status 5 says that a selection (-k, a file) left one of the runs with no test: not a failure
+run() { "$@" || { status=$?; [ "$status" = 5 ] || exit "$status"; }; }
+run .venv/bin/python -m pytest "${xdist[@]}" --durations=20 -m "not default_codegen" "$@"  # the slowest 20 in the log
+run .venv/bin/python -m pytest "${xdist[@]}" --durations=5 -m default_codegen "$@"
+status=0
+wait "$zoo_run" || status=$?
 trap - EXIT
+echo "tests/zoo (in .venv-zoo):"
 cat "$zoo_log"
-exec .venv-zoo/bin/python -m pytest -n auto --dist load -m zoo "$@" tests/zoo  # each model its own compiles: spread by test
+[ "$status" = 0 ] || [ "$status" = 5 ] || exit "$status"

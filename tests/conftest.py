@@ -8,15 +8,18 @@ from pathlib import Path
 
 import pytest
 
-# In the fast set the arrays are tiny, so nearly all the time is XLA compiling, and much of that LLVM optimising
-# machine code that then runs for microseconds. There (pytest -m "not slow", as scripts/test.sh runs it) XLA
-# compiles without LLVM's expensive passes, as benchmarks' --smoke runs do, and with XLA's older (elemental) CPU
-# fusion code generator in place of the MLIR fusion emitters, which compiles a small program in about half the time
-# (measured on the 2-core machine, 2026-12-02: a 2-layer GPT-2's jitted forward 0.6 -> 0.35 s, its gradient
-# 1.4 -> 0.7 s, one eager op 37 -> 25 ms). The HLO passes and IEEE semantics are unchanged (no fast-math). The
-# slow set keeps the default: its end-to-end runs compute for real (MNIST pretraining). An XLA_FLAGS that already
-# sets the level is left alone; the tests' subprocesses inherit it. tests/zoo (pytest -m zoo, tiny models too) compiles
-# the same way: there it halved the CPU time of a tunix model's test (50 -> 24 s, 2026-12-07).
+# Most tests run tiny arrays, so nearly all their time is XLA compiling, and much of that LLVM optimising machine
+# code that then runs for microseconds. They compile without LLVM's expensive passes, as benchmarks' --smoke runs do,
+# and with XLA's older (elemental) CPU fusion code generator in place of the MLIR fusion emitters, which compiles a
+# small program in about half the time (measured on the 2-core machine, 2026-12-02: a 2-layer GPT-2's jitted forward
+# 0.6 -> 0.35 s, its gradient 1.4 -> 0.7 s, one eager op 37 -> 25 ms; 2026-12-07, CI=true, nothing else running: the
+# slow tests other than those below 1096 -> 668 s, a tunix model's zoo test 50 -> 24 s). The HLO passes and IEEE
+# semantics are unchanged (no fast-math). Tests marked `default_codegen` keep XLA's default: the MNIST story computes
+# for real (6,000 steps: 173 s by default, 325 s the cheaper way) and the multi-process tests need the bits users get.
+# The choice is made per pytest run, before jax creates its CPU client: the cheaper code generation when the marker
+# expression leaves the default_codegen tests out (-m "not slow", -m "not default_codegen", -m zoo; scripts/test.sh
+# runs those, and with --all the default_codegen tests in a second run). An XLA_FLAGS that already sets the level is
+# left alone; the tests' subprocesses inherit it.
 FAST_COMPILE_XLA_FLAGS = (
     "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true --xla_cpu_use_fusion_emitters=false"
 )
@@ -24,8 +27,9 @@ FAST_COMPILE_XLA_FLAGS = (
 
 def pytest_configure(config):
     """Before any test module is imported (and so before jax creates its CPU client, on first use)."""
-    fast_set_only = (config.option.markexpr or "").replace(" ", "") in ("notslow", "zoo")  # zoo: tiny models too
-    if fast_set_only and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    markexpr = (config.option.markexpr or "").replace(" ", "")
+    cheap = markexpr == "zoo" or "notslow" in markexpr or "notdefault_codegen" in markexpr
+    if cheap and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE_XLA_FLAGS).strip()
 
 
@@ -166,3 +170,16 @@ def offline(monkeypatch, tmp_path, closed_port_url):
         raise huggingface_hub.errors.LocalEntryNotFoundError("ConnectError: [Errno -2] Name or service not known")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", no_hub)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files holding the most slow tests run first (the rest keep their order): pytest-xdist (`--dist loadfile`)
+    hands whole files to its workers in this order, so the longest files no longer start last and leave one core idle
+    at the end of `scripts/test.sh --all`. A file's tests stay together and in their order."""
+    files = [item.nodeid.split("::")[0] for item in items]
+    slow = {file: 0 for file in files}
+    for file, item in zip(files, items, strict=True):
+        slow[file] += item.get_closest_marker("slow") is not None
+    first = {file: index for index, file in reversed(list(enumerate(files)))}
+    order = {id(item): (-slow[file], first[file]) for file, item in zip(files, items, strict=True)}
+    items.sort(key=lambda item: order[id(item)])

@@ -59,6 +59,7 @@ def runners(model, params):
 
         def served(plan):
             fn = jaxlora.apply_nnx_fn(plan, strict=True)
+
             def run(p, adapters, *args, **kwargs):
                 return fn(nnx.merge(graphdef, p, jax.tree.map(lambda v: v, rest)), adapters, *args, **kwargs)
 

@@ -456,10 +456,10 @@ import jaxlora
 from jaxlora import checkpoint
 from models import MLP
 model = MLP((64,) * 12 + (2,))  # 13 layers: many files per step, so pruning one takes a while
-base = model.init(jax.random.key(0), jnp.zeros((1, 8)))["params"]
+base = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8)))["params"]  # jitted: one compile, not one per op
 targets = (r"linear\\d/kernel", r"linear1[012]/kernel")
 config = jaxlora.LoraConfig(rank=2, targets=targets, modules_to_save=(r"linear13/.*",))
-_, adapters = jaxlora.init(jax.random.key(1), base, config)
+_, adapters = jax.jit(jaxlora.init, static_argnums=2)(jax.random.key(1), base, config)
 manager = checkpoint.checkpoint_manager(sys.argv[1], max_to_keep=2)  # every save prunes the oldest step
 start = (manager.latest_step() or 0) + 1
 for step in range(start, start + 100_000):
@@ -480,7 +480,7 @@ def test_every_listed_step_restores_after_kills_at_random_moments_of_saving_and_
     """
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": f"{REPO}{os.pathsep}{TESTS}"}
     model = MLP((64,) * 12 + (2,))
-    base = model.init(jax.random.key(0), jnp.zeros((1, 8)))["params"]
+    base = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8)))["params"]  # as the child builds it
     rng = np.random.default_rng(0 if os.environ.get("CI") == "true" else int(time.time()))
     seen_steps = 0
     for kill in range(RANDOM_KILLS):

@@ -111,4 +111,6 @@ def test_docs_sh_builds_with_warnings_as_errors_and_ci_runs_it_and_the_browser_c
     sphinx = next(line for line in script.splitlines() if "-m sphinx" in line)
     assert {"-W", "--keep-going", "docs/_build/html"} <= set(shlex.split(sphinx.replace('"$python"', "python")))
     ci = (REPO / ".ci" / "run").read_text()
-    assert ci.index("scripts/test.sh") < ci.index("scripts/docs.sh") < ci.index("check_docs_site.py")
+    # the build runs beside the tests; the browser check only after both, and a failed build fails CI
+    assert ci.index("scripts/docs.sh") < ci.index('wait "$docs" ||') < ci.index("check_docs_site.py")
+    assert ci.index("scripts/test.sh --all") < ci.index("check_docs_site.py")

@@ -37,6 +37,7 @@ def _check_story_invariants(facts: dict, num_classes: int = 10, finetune_steps: 
 
 
 @pytest.mark.slow
+@pytest.mark.default_codegen  # 6,000 training steps: the cheaper code generation would double its time
 def test_mnist_story_meets_its_targets(example, tmp_path):
     tfds_dir = Path(os.environ.get("TFDS_DATA_DIR") or SHARED_DATA / "tfds")
     require_data(tfds_dir / "mnist" / "3.0.1", "MNIST in tfds array_record format")
