@@ -493,6 +493,41 @@ def test_eva_is_refused_by_init_and_needs_the_layers_to_be_called():
 
 
 @pytest.mark.slow
+def test_eva_on_an_eager_forward_leaves_no_host_callback_queued_behind_other_work(monkeypatch):
+    """An eager forward's observations are added at once (no io_callback on concrete arrays), and an eager nnx.scan
+    holding host callbacks is waited for before the next operation. An io_callback left queued while the Python
+    thread waits for an execution slot holding the GIL deadlocks (seen once in CI, on a loaded machine, in the test
+    below); the hang needs that timing, so this checks what gets queued."""
+    from flax import nnx
+
+    from jaxlora._src import eva, interpreter
+    from jaxlora.models import llama
+
+    concrete_callbacks, waits = [], []
+    real_callback, real_wait = eva.io_callback, interpreter._wait_if_eager
+
+    def callback(fn, result, *args):
+        concrete_callbacks.append(not any(isinstance(x, jax.core.Tracer) for x in args))
+        return real_callback(fn, result, *args)
+
+    monkeypatch.setattr(eva, "io_callback", callback)
+    monkeypatch.setattr(interpreter, "_wait_if_eager", lambda outs: waits.append(len(outs)) or real_wait(outs))
+    config = llama.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+    )
+    tokens = [jnp.asarray(np.random.default_rng(i).integers(0, 64, (2, 12))) for i in range(2)]
+    for scan_layers, targets in ((False, llama.PEFT_TARGETS), (True, llama.PEFT_TARGETS_SCANNED)):
+        module = llama.Llama(config, scan_layers=scan_layers, rngs=nnx.Rngs(0))
+        stacked = llama.STACKED_AXES if scan_layers else {}
+        plan = jaxlora.plan(nnx.state(module, nnx.Param), jaxlora.LoraConfig(rank=4, init="eva", targets=(targets,),
+                                                                            stacked_axes=stacked))  # fmt: skip
+        waits.clear()
+        forward = lambda a, t, module=module, plan=plan: jaxlora.apply_nnx(module, a, plan, t)
+        jaxlora.init_eva(nnx.state(module, nnx.Param), plan, forward, tokens)
+        assert waits, "no eager operation that an observer saw was waited for"
+    assert concrete_callbacks and not any(concrete_callbacks), "an io_callback was queued on concrete arrays"
+
+
 def test_eva_on_an_nnx_scanned_llama_equals_eva_on_the_unscanned_layers():
     """nnx.scan: the stacked Llama layers get the directions and ranks of the same layers unscanned."""
     from flax import nnx

@@ -66,8 +66,14 @@ def _recorder(moments: Mapping[str, _Moments]) -> Callable[[Operand, jax.Array],
             )
         rows = rows.astype(jnp.float32)
         layer = tag.a.reshape(-1)[0]  # the probe A carries its layer's index
-        stats = (rows.T @ rows, rows.sum(axis=0), jnp.float32(rows.shape[0]))
-        io_callback(moments[tag.path].add, None, layer, *stats)
+        stats = (layer, rows.T @ rows, rows.sum(axis=0), jnp.float32(rows.shape[0]))
+        if any(isinstance(x, jax.core.Tracer) for x in stats):
+            io_callback(moments[tag.path].add, None, *stats)  # under jit or in a scan body: when the program runs
+        else:
+            # An eager forward: added here and now. An io_callback bound eagerly is a program of its own that
+            # waits for the GIL, while the Python thread can wait for a free execution slot holding the GIL: a
+            # deadlock, seen once in CI on a loaded machine (EVA on an eager NNX scanned Llama).
+            moments[tag.path].add(*(np.asarray(x) for x in stats))
 
     return record
 

@@ -122,6 +122,8 @@ def run(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], tags: Sequence[O
             bias_var, add = biases.get(i, (None, None))
             bias = env.get(bias_var) if bias_var is not None else None
             outs, out_tags = _tagged(eqn, values, in_tags, record, options, bias)
+            if _observer.get() is not None:
+                _wait_if_eager(_flat(outs))
             if bias is not None and isinstance(outs, _WithBias):
                 outs = outs.outs
                 forwarded[id(add)] = eqn.outvars[0]
@@ -133,6 +135,17 @@ def run(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], tags: Sequence[O
             if out_tags is not None and out_tags[i] is not None:
                 tag_env[v] = out_tags[i]
     return [read(v) for v in jaxpr.outvars], [tag_of(v) for v in jaxpr.outvars]
+
+
+def _wait_if_eager(outs: list[Any]) -> None:
+    """Waits (the GIL released) for an eagerly evaluated operation that an observer saw, e.g. a scan holding its
+    host callbacks, before the next eager operation can queue behind it while holding the GIL (see eva.py)."""
+    if not any(isinstance(o, jax.core.Tracer) for o in outs):
+        jax.block_until_ready(outs)
+
+
+def _flat(outs: Any) -> list[Any]:
+    return outs.outs if isinstance(outs, _WithBias) else list(outs)
 
 
 @dataclasses.dataclass(frozen=True)
