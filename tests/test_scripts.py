@@ -62,7 +62,7 @@ def test_setup_installs_once_per_pyproject_and_shows_progress(tmp_path):
     assert "Downloading flax" in (repo / ".venv" / "pip.log").read_text()
     assert _pip_installs(repo) == [
         "-m pip install -q --upgrade pip",
-        "-m pip install --progress-bar off -c scripts/constraints.txt -e .[examples]",
+        "-m pip install --no-compile --progress-bar off -c scripts/constraints.txt -e .[examples]",
     ]
 
     again = _setup(repo, "examples")
