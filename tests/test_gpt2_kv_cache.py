@@ -16,7 +16,8 @@ import pytest
 
 import jaxlora
 from jaxlora.models import gpt2
-from jaxlora.models.gpt2 import GPT2, GPT2Config, generate, generate_greedy, init_cache, left_pad, sample_token
+from jaxlora.models.gpt2 import GPT2, GPT2Config, generate, generate_greedy, init_cache, left_pad
+from jaxlora.models.sampling import sample_token
 
 VOCAB = 97
 CONFIG = GPT2Config(
@@ -193,11 +194,11 @@ def test_sample_token_draws_from_the_tempered_top_k_softmax():
 
 def test_decoding_compiles_once_per_shape(base):
     model, params = base
-    gpt2._decode.clear_cache()
+    gpt2.generation._decode.clear_cache()
     for seed in range(3):  # other tokens, other padding, other keys: same program
         ids, mask = left_pad([_prompt((4,), seed), _prompt((1 + seed,), seed + 9)])
         generate(model, params, ids, 5, attention_mask=mask, rng=jax.random.key(seed))
-    assert gpt2._decode._cache_size() == 1
+    assert gpt2.generation._decode._cache_size() == 1
 
 
 def test_bad_input_is_named(base):
@@ -223,11 +224,13 @@ def test_bad_input_is_named(base):
 def test_the_decoding_functions_document_args_and_their_examples_run():
     import doctest
     import inspect
+    import sys
 
     finder, runner = doctest.DocTestFinder(), doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
     for function in (init_cache, gpt2.apply_model, sample_token, left_pad, generate):
         doc = inspect.getdoc(function)
         assert "Args:" in doc and "Returns:" in doc and ">>>" in doc, function.__name__
-        for test in finder.find(function, function.__name__, globs=dict(vars(gpt2))):
+        globs = {**vars(gpt2), **vars(sys.modules[function.__module__])}  # the package's names, the module's own
+        for test in finder.find(function, function.__name__, globs=globs):
             runner.run(test)
     assert runner.failures == 0 and runner.tries >= 10, (runner.failures, runner.tries)

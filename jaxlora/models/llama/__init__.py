@@ -8,11 +8,12 @@ with :func:`peft_name_map`::
     tokens = llama.generate(model, prompt_ids, max_new_tokens=32)
 """
 
+from jaxlora.models.llama.cache import KVCache, init_cache
 from jaxlora.models.llama.config import LlamaConfig
 from jaxlora.models.llama.generation import generate
 from jaxlora.models.llama.hf_checkpoint import config_from_hf, load_hf_weights, save_hf_weights
 from jaxlora.models.llama.layout import convert_layout, stack_layers, unstack_layers
-from jaxlora.models.llama.model import KVCache, Llama, init_cache
+from jaxlora.models.llama.model import Llama
 from jaxlora.models.llama.names import (
     PEFT_TARGETS,
     PEFT_TARGETS_SCANNED,

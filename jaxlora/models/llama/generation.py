@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlora.models.llama.model import Llama, init_cache
+from jaxlora.models.llama.cache import init_cache
+from jaxlora.models.llama.model import Llama
 from jaxlora.models.sampling import sample_token
 
 

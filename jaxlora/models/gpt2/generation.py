@@ -1,0 +1,238 @@
+"""Generation: greedy without a cache (the reference), and greedy or sampled with the KV cache for any forward
+(the plain model, ``jaxlora.apply``, ``jaxlora.apply_bank``), with left-padded prompts."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlora.models.gpt2.cache import KVCache, init_cache
+from jaxlora.models.gpt2.model import GPT2
+from jaxlora.models.sampling import sample_token
+
+Params = dict[str, Any]
+
+
+def generate_greedy(model: GPT2, params: Params, token_ids: Any, max_new_tokens: int) -> jax.Array:
+    """Append ``max_new_tokens`` argmax tokens to ``token_ids`` (batch, length) or (length,).
+
+    Works in a fixed buffer of length ``length + max_new_tokens`` inside one ``lax.fori_loop``: the model is
+    compiled once per buffer shape (prompt length and step count are traced), not once per step. There is no KV
+    cache: each step reruns the whole buffer, and causal attention keeps the unwritten tail from affecting it.
+    """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
+    ids = jnp.asarray(token_ids, jnp.int32)
+    squeeze = ids.ndim == 1
+    ids = ids[None] if squeeze else ids
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise ValueError(f"token_ids must be a non-empty (batch, length) or (length,) array, got {ids.shape}.")
+    total = ids.shape[1] + max_new_tokens
+    if total > model.config.n_positions:
+        raise ValueError(
+            f"prompt length {ids.shape[1]} + max_new_tokens {max_new_tokens} exceeds n_positions="
+            f"{model.config.n_positions}; shorten the prompt or generate fewer tokens."
+        )
+    buffer = jnp.zeros((ids.shape[0], total), jnp.int32).at[:, : ids.shape[1]].set(ids)
+    out = _greedy_fill(model, params, buffer, jnp.int32(ids.shape[1]), jnp.int32(max_new_tokens))
+    return out[0] if squeeze else out
+
+
+@partial(jax.jit, static_argnames=("model",))
+def _greedy_fill(model: GPT2, params: Params, buffer: jax.Array, prompt_len: jax.Array, max_new_tokens: jax.Array):
+    def step(i, buffer):
+        position = prompt_len + i - 1
+        logits = model.apply({"params": params}, buffer)
+        next_token = jnp.argmax(jax.lax.dynamic_index_in_dim(logits, position, axis=1, keepdims=False), axis=-1)
+        return jax.lax.dynamic_update_index_in_dim(buffer, next_token.astype(jnp.int32), position + 1, axis=1)
+
+    return jax.lax.fori_loop(0, max_new_tokens, step, buffer)
+
+
+def apply_model(model: GPT2, params: Params, input_ids: jax.Array, kv_cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """The default `forward` of :func:`generate`: the plain model, ``model.apply({"params": params}, ...)``.
+
+    Args:
+      model: the GPT2 module.
+      params: its params.
+      input_ids: (batch, length) tokens to append to the cache.
+      kv_cache: the cache.
+
+    Returns:
+      ``(logits, new_cache)``.
+
+    Example:
+      >>> model = GPT2(GPT2Config(vocab_size=32, n_positions=8, n_embd=8, n_layer=1, n_head=2))
+      >>> params = model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+      >>> logits, cache = apply_model(model, params, jnp.ones((1, 3), jnp.int32), init_cache(model.config, 1, 8))
+      >>> logits.shape, int(cache.index)
+      ((1, 3, 32), 3)
+    """
+    return model.apply({"params": params}, input_ids, kv_cache=kv_cache)
+
+
+def left_pad(prompts: Any, pad_token_id: int = 50256) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts of different lengths as one left-padded batch for :func:`generate`.
+
+    Args:
+      prompts: a sequence of non-empty token-id sequences.
+      pad_token_id: the filler (GPT-2's <|endoftext|> by default; never attended to).
+
+    Returns:
+      ``(input_ids, attention_mask)``, both (batch, longest prompt), mask 1 on real tokens.
+
+    Raises:
+      ValueError: for no prompts or an empty one.
+
+    Example:
+      >>> ids, mask = left_pad([[5, 6, 7], [8]], pad_token_id=0)
+      >>> ids.tolist(), mask.tolist()
+      ([[5, 6, 7], [0, 0, 8]], [[1, 1, 1], [0, 0, 1]])
+    """
+    prompts = [np.asarray(p, np.int32).reshape(-1) for p in prompts]
+    if not prompts or any(p.size == 0 for p in prompts):
+        raise ValueError("left_pad needs at least one prompt and no empty prompt.")
+    width = max(p.size for p in prompts)
+    ids = np.full((len(prompts), width), pad_token_id, np.int32)
+    mask = np.zeros((len(prompts), width), np.int32)
+    for row, p in enumerate(prompts):
+        ids[row, width - p.size :], mask[row, width - p.size :] = p, 1
+    return ids, mask
+
+
+def generate(
+    model: GPT2,
+    params: Any,
+    input_ids: Any,
+    max_new_tokens: int,
+    *,
+    attention_mask: Any = None,
+    rng: jax.Array | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    forward: Any = apply_model,
+    cache_dtype: Any = jnp.float32,
+    return_logits: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """The prompts followed by `max_new_tokens` generated tokens, decoded incrementally with a KV cache.
+
+    The prompt runs once into the cache (prefill), then one token per step inside a ``lax.scan``: one compiled
+    program per (batch, prompt length, max_new_tokens, forward), whatever the tokens, adapters or key. Greedy
+    (argmax) without `rng`; with `rng`, sampled by :func:`sample_token` with a key folded per step, so the same
+    key gives the same tokens. Rows of different prompt lengths are left-padded (:func:`left_pad`): the padding is
+    never attended to and each row's positions start at 0, so a row decodes as it would alone.
+
+    `forward(model, params, input_ids, kv_cache) -> (logits, new_cache)` runs the model; the default is the
+    plain model. LoRA adapters, unmerged, or a mixed batch over an adapter bank::
+
+        def lora(model, state, ids, cache):
+            params, adapters = state
+            return jaxlora.apply(model, {"params": params}, adapters, plan, ids, kv_cache=cache)
+
+        def bank(model, state, ids, cache):
+            params, bank, adapter_ids = state
+            return jaxlora.apply_bank(model, {"params": params}, bank, adapter_ids, ids, kv_cache=cache)
+
+    `forward` is a static argument (compiled per function object): define it once, not anew for every call.
+
+    Args:
+      model: a :class:`GPT2`.
+      params: what `forward` takes as its state (the model's params for the default).
+      input_ids: (batch, length) or (length,) integer prompt(s).
+      max_new_tokens: tokens to append (>= 1); prompt + new tokens must fit ``n_positions``.
+      attention_mask: (batch, length), 1 on real tokens, for left-padded prompts (the last column all 1).
+      rng: a ``jax.random.key`` to sample; None for greedy decoding.
+      temperature: sampling temperature (> 0; ignored when greedy).
+      top_k: sample among the k most likely tokens (None: all; ignored when greedy).
+      forward: the model call, see above.
+      cache_dtype: dtype of the cached keys and values.
+      return_logits: also return the logits each new token was chosen from, (batch, max_new_tokens, vocab).
+
+    Returns:
+      int32 tokens (batch, length + max_new_tokens), 1-D when `input_ids` was; with `return_logits`,
+      ``(tokens, logits)``.
+
+    Raises:
+      ValueError: an empty or non-integer prompt, padding that is not on the left, too many tokens for
+        ``n_positions``, or bad sampling settings.
+
+    Example:
+      >>> model = GPT2(GPT2Config(vocab_size=32, n_positions=16, n_embd=8, n_layer=1, n_head=2))
+      >>> params = model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+      >>> ids, mask = left_pad([[5, 6, 7], [8]])
+      >>> generate(model, params, ids % 32, 4, attention_mask=mask).shape
+      (2, 7)
+    """
+    ids = np.asarray(input_ids)
+    squeeze = ids.ndim == 1
+    ids = ids[None] if squeeze else ids
+    if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"input_ids must be a non-empty integer (batch, length) or (length,) array, got {ids.shape}.")
+    mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask, bool)
+    mask = mask[None] if squeeze and mask.ndim == 1 else mask
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask has shape {mask.shape}, input_ids {ids.shape}; they must be equal.")
+    start = ids.shape[1] - mask.sum(axis=1)
+    if not np.array_equal(mask, np.arange(ids.shape[1])[None] >= start[:, None]) or not mask[:, -1].all():
+        raise ValueError(
+            "attention_mask must be 0 on a leading run of padding and 1 after it, with at least one real token "
+            "per row: pad batched prompts on the left (see left_pad)."
+        )
+    if not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
+    if ids.shape[1] + max_new_tokens > model.config.n_positions:
+        raise ValueError(
+            f"prompt length {ids.shape[1]} + max_new_tokens {max_new_tokens} exceeds n_positions="
+            f"{model.config.n_positions}; shorten the prompt or generate fewer tokens."
+        )
+    if rng is not None and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 to sample, got {temperature}.")
+    if top_k is not None and not (isinstance(top_k, int | np.integer) and 1 <= top_k <= model.config.vocab_size):
+        raise ValueError(f"top_k must be an integer in 1..vocab_size={model.config.vocab_size} or None, got {top_k!r}.")
+    fed = np.where(mask, ids, 0)  # the padding is never attended to, but an id outside the vocabulary would be NaN
+    tokens, logits = _decode(
+        model, forward, params, jnp.asarray(fed, jnp.int32), jnp.asarray(start, jnp.int32),
+        jax.random.key(0) if rng is None else rng, jnp.float32(temperature),
+        max_new_tokens=int(max_new_tokens), top_k=None if top_k is None else int(top_k), greedy=rng is None,
+        cache_dtype=jnp.dtype(cache_dtype), return_logits=return_logits,
+    )  # fmt: skip
+    out = jnp.concatenate([jnp.asarray(ids, jnp.int32), tokens], axis=1)
+    out = out[0] if squeeze else out
+    if return_logits:
+        return out, logits[0] if squeeze else logits
+    return out
+
+
+@partial(
+    jax.jit,
+    static_argnames=("model", "forward", "max_new_tokens", "top_k", "greedy", "cache_dtype", "return_logits"),
+)
+def _decode(model, forward, params, ids, start, key, temperature, *, max_new_tokens, top_k, greedy, cache_dtype,
+            return_logits):  # fmt: skip
+    """Prefill, then max_new_tokens - 1 single-token steps; the new tokens (batch, new) and their logits."""
+    batch, length = ids.shape
+    cache = init_cache(model.config, batch, length + max_new_tokens, start, cache_dtype)
+    logits, cache = forward(model, params, ids, cache)
+
+    def pick(step, logits):
+        if greedy:
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return sample_token(jax.random.fold_in(key, step), logits, temperature, top_k)
+
+    def step(carry, i):
+        cache, last = carry
+        token = pick(i, last)
+        logits, cache = forward(model, params, token[:, None], cache)
+        return (cache, logits[:, -1].astype(jnp.float32)), (token, last if return_logits else None)
+
+    last = logits[:, -1].astype(jnp.float32)
+    (_, last), (tokens, seen) = jax.lax.scan(step, (cache, last), jnp.arange(max_new_tokens - 1))
+    final = pick(max_new_tokens - 1, last)
+    tokens = jnp.concatenate([tokens.T, final[:, None]], axis=1)
+    if not return_logits:
+        return tokens, None
+    return tokens, jnp.concatenate([jnp.moveaxis(seen, 0, 1), last[:, None]], axis=1)
