@@ -120,10 +120,10 @@ def test_greedy_continuation_matches_reference(hf_model, loaded):
 
 def test_greedy_generation_compiles_once_per_buffer_size(loaded):
     config, params = loaded
-    gpt2_lib._greedy_fill.clear_cache()
+    gpt2_lib.generation._greedy_fill.clear_cache()
     generate_greedy(GPT2(config), params, _ids((1, 4), seed=3), max_new_tokens=6)
     generate_greedy(GPT2(config), params, _ids((1, 3), seed=4), max_new_tokens=7)  # same buffer length 10
-    assert gpt2_lib._greedy_fill._cache_size() == 1
+    assert gpt2_lib.generation._greedy_fill._cache_size() == 1
     with pytest.raises(ValueError, match="n_positions"):
         generate_greedy(GPT2(config), params, _ids((1, 60)), max_new_tokens=5)
 
