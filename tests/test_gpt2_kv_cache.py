@@ -177,6 +177,41 @@ def test_top_k_one_is_greedy_and_sampling_is_reproducible_by_key(base):
     assert not np.array_equal(first[:, 4:], greedy[:, 4:])
 
 
+def test_stop_tokens_end_a_row_as_the_uncached_greedy_reference_says(base):
+    """After a row's first stop token every later token is the pad token; before it, the tokens are the uncached
+    greedy reference's, and a row that never emits it is untouched."""
+    model, params = base
+    prompt = _prompt((3, 4), seed=11)
+    reference = np.asarray(generate_greedy(model, params, prompt, 10))
+    eos = int(reference[1, 4 + 3])  # row 1's fourth new token
+    pad = VOCAB - 1
+    got = np.asarray(generate(model, params, prompt, 10, eos_token_id=eos, pad_token_id=pad))
+    for row in range(3):
+        new = reference[row, 4:]
+        hits = np.flatnonzero(new == eos)
+        want = new.copy() if not hits.size else np.concatenate([new[: hits[0] + 1], np.full(9 - hits[0], pad)])
+        np.testing.assert_array_equal(got[row, 4:], want, err_msg=f"row {row}")
+    assert got[1, 4 + 4 :].tolist() == [pad] * 6
+
+
+def test_top_p_keeps_the_nucleus(base):
+    """A nucleus smaller than the top token's probability leaves only the argmax (greedy); top_p=1 is no filter."""
+    model, params = base
+    prompt = _prompt((3, 4), seed=12)
+    greedy = generate(model, params, prompt, 8)
+    np.testing.assert_array_equal(generate(model, params, prompt, 8, rng=jax.random.key(1), top_p=1e-6), greedy)
+    free = generate(model, params, prompt, 8, rng=jax.random.key(1))
+    np.testing.assert_array_equal(generate(model, params, prompt, 8, rng=jax.random.key(1), top_p=1.0), free)
+
+
+def test_no_new_tokens_returns_the_prompt(base):
+    model, params = base
+    prompt = _prompt((2, 3))
+    tokens, logits = generate(model, params, prompt, 0, return_logits=True)
+    np.testing.assert_array_equal(tokens, prompt)
+    assert logits.shape == (2, 0, VOCAB)
+
+
 def test_sample_token_draws_from_the_tempered_top_k_softmax():
     logits = jnp.array([1.0, 2.0, 0.5, 3.0, -1.0])
     draws = 40_000
@@ -211,8 +246,10 @@ def test_bad_input_is_named(base):
         generate(model, params, _prompt((1, 3)), 2, rng=jax.random.key(0), temperature=0.0)
     with pytest.raises(ValueError, match="top_k must be"):
         generate(model, params, _prompt((1, 3)), 2, rng=jax.random.key(0), top_k=0)
-    with pytest.raises(ValueError, match="max_new_tokens must be a positive integer"):
-        generate(model, params, _prompt((1, 3)), 0)
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 0"):
+        generate(model, params, _prompt((1, 3)), -1)
+    with pytest.raises(ValueError, match="top_p must be in"):
+        generate(model, params, _prompt((1, 3)), 2, rng=jax.random.key(0), top_p=0.0)
     with pytest.raises(ValueError, match="drop attention_mask"):
         model.apply({"params": params}, _prompt((1, 3)), np.ones((1, 3)), kv_cache=init_cache(CONFIG, 1, 8))
     with pytest.raises(ValueError, match="expected"):

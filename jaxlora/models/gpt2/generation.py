@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlora.models import decoding
 from jaxlora.models.gpt2.cache import KVCache, init_cache
 from jaxlora.models.gpt2.model import GPT2
-from jaxlora.models.sampling import sample_token
 
 Params = dict[str, Any]
 
@@ -114,17 +114,22 @@ def generate(
     rng: jax.Array | None = None,
     temperature: float = 1.0,
     top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | tuple[int, ...] | None = None,
+    pad_token_id: int = 50256,
     forward: Any = apply_model,
     cache_dtype: Any = jnp.float32,
     return_logits: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """The prompts followed by `max_new_tokens` generated tokens, decoded incrementally with a KV cache.
 
-    The prompt runs once into the cache (prefill), then one token per step inside a ``lax.scan``: one compiled
-    program per (batch, prompt length, max_new_tokens, forward), whatever the tokens, adapters or key. Greedy
-    (argmax) without `rng`; with `rng`, sampled by :func:`sample_token` with a key folded per step, so the same
-    key gives the same tokens. Rows of different prompt lengths are left-padded (:func:`left_pad`): the padding is
-    never attended to and each row's positions start at 0, so a row decodes as it would alone.
+    The prompt runs once into the cache (prefill), then one token per step inside a ``lax.scan``
+    (:func:`jaxlora.models.decoding.decode`, the loop Llama's ``generate`` uses too): one compiled program per
+    (batch, prompt length, max_new_tokens, forward), whatever the tokens, adapters, key or sampling settings.
+    Greedy (argmax) without `rng`; with `rng`, sampled by ``jaxlora.models.sample_token`` with a key folded per
+    step, so the same key gives the same tokens. Rows of different prompt lengths are left-padded
+    (:func:`left_pad`): the padding is never attended to and each row's positions start at 0, so a row decodes as
+    it would alone. After a row emits one of `eos_token_id` it is filled with `pad_token_id`, as transformers does.
 
     `forward(model, params, input_ids, kv_cache) -> (logits, new_cache)` runs the model; the default is the
     plain model. LoRA adapters, unmerged, or a mixed batch over an adapter bank::
@@ -143,11 +148,14 @@ def generate(
       model: a :class:`GPT2`.
       params: what `forward` takes as its state (the model's params for the default).
       input_ids: (batch, length) or (length,) integer prompt(s).
-      max_new_tokens: tokens to append (>= 1); prompt + new tokens must fit ``n_positions``.
+      max_new_tokens: tokens to append (>= 0); prompt + new tokens must fit ``n_positions``.
       attention_mask: (batch, length), 1 on real tokens, for left-padded prompts (the last column all 1).
       rng: a ``jax.random.key`` to sample; None for greedy decoding.
       temperature: sampling temperature (> 0; ignored when greedy).
       top_k: sample among the k most likely tokens (None: all; ignored when greedy).
+      top_p: sample among the smallest set of most likely tokens whose probability reaches it (None: all).
+      eos_token_id: stop token(s); None for none.
+      pad_token_id: what a row holds after its stop token (GPT-2's <|endoftext|> by default).
       forward: the model call, see above.
       cache_dtype: dtype of the cached keys and values.
       return_logits: also return the logits each new token was chosen from, (batch, max_new_tokens, vocab).
@@ -167,39 +175,26 @@ def generate(
       >>> generate(model, params, ids % 32, 4, attention_mask=mask).shape
       (2, 7)
     """
-    ids = np.asarray(input_ids)
-    squeeze = ids.ndim == 1
-    ids = ids[None] if squeeze else ids
-    if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"input_ids must be a non-empty integer (batch, length) or (length,) array, got {ids.shape}.")
-    mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask, bool)
-    mask = mask[None] if squeeze and mask.ndim == 1 else mask
-    if mask.shape != ids.shape:
-        raise ValueError(f"attention_mask has shape {mask.shape}, input_ids {ids.shape}; they must be equal.")
-    start = ids.shape[1] - mask.sum(axis=1)
-    if not np.array_equal(mask, np.arange(ids.shape[1])[None] >= start[:, None]) or not mask[:, -1].all():
-        raise ValueError(
-            "attention_mask must be 0 on a leading run of padding and 1 after it, with at least one real token "
-            "per row: pad batched prompts on the left (see left_pad)."
-        )
-    if not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
+    ids, mask, squeeze = decoding.prompt_batch(input_ids, attention_mask)
+    decoding.check_settings(max_new_tokens, rng is not None, temperature, top_k, top_p, model.config.vocab_size)
     if ids.shape[1] + max_new_tokens > model.config.n_positions:
         raise ValueError(
             f"prompt length {ids.shape[1]} + max_new_tokens {max_new_tokens} exceeds n_positions="
             f"{model.config.n_positions}; shorten the prompt or generate fewer tokens."
         )
-    if rng is not None and not temperature > 0:
-        raise ValueError(f"temperature must be > 0 to sample, got {temperature}.")
-    if top_k is not None and not (isinstance(top_k, int | np.integer) and 1 <= top_k <= model.config.vocab_size):
-        raise ValueError(f"top_k must be an integer in 1..vocab_size={model.config.vocab_size} or None, got {top_k!r}.")
-    fed = np.where(mask, ids, 0)  # the padding is never attended to, but an id outside the vocabulary would be NaN
-    tokens, logits = _decode(
-        model, forward, params, jnp.asarray(fed, jnp.int32), jnp.asarray(start, jnp.int32),
-        jax.random.key(0) if rng is None else rng, jnp.float32(temperature),
-        max_new_tokens=int(max_new_tokens), top_k=None if top_k is None else int(top_k), greedy=rng is None,
-        cache_dtype=jnp.dtype(cache_dtype), return_logits=return_logits,
-    )  # fmt: skip
+    if max_new_tokens == 0:
+        tokens = jnp.zeros((ids.shape[0], 0), jnp.int32)
+        logits = jnp.zeros((ids.shape[0], 0, model.config.vocab_size), jnp.float32)
+    else:
+        start = ids.shape[1] - mask.sum(axis=1)
+        fed = np.where(mask, ids, 0)  # the padding is never attended to, but an id outside the vocabulary is NaN
+        tokens, logits = _decode(
+            model, forward, params, jnp.asarray(fed, jnp.int32), jnp.asarray(start, jnp.int32),
+            jax.random.key(0) if rng is None else rng, jnp.float32(temperature), jnp.int32(top_k or 0),
+            jnp.float32(1.0 if top_p is None else top_p), jnp.int32(pad_token_id), max_new_tokens=int(max_new_tokens),
+            greedy=rng is None, eos=_stop_tokens(eos_token_id), cache_dtype=jnp.dtype(cache_dtype),
+            return_logits=return_logits,
+        )  # fmt: skip
     out = jnp.concatenate([jnp.asarray(ids, jnp.int32), tokens], axis=1)
     out = out[0] if squeeze else out
     if return_logits:
@@ -207,32 +202,22 @@ def generate(
     return out
 
 
+def _stop_tokens(eos_token_id: int | tuple[int, ...] | None) -> tuple[int, ...]:
+    return () if eos_token_id is None else tuple(int(t) for t in np.atleast_1d(eos_token_id))
+
+
 @partial(
     jax.jit,
-    static_argnames=("model", "forward", "max_new_tokens", "top_k", "greedy", "cache_dtype", "return_logits"),
+    static_argnames=("model", "forward", "max_new_tokens", "greedy", "eos", "cache_dtype", "return_logits"),
 )
-def _decode(model, forward, params, ids, start, key, temperature, *, max_new_tokens, top_k, greedy, cache_dtype,
-            return_logits):  # fmt: skip
-    """Prefill, then max_new_tokens - 1 single-token steps; the new tokens (batch, new) and their logits."""
+def _decode(model, forward, params, ids, start, key, temperature, top_k, top_p, pad, *, max_new_tokens, greedy, eos,
+            cache_dtype, return_logits):  # fmt: skip
+    """The new tokens (batch, new) and, with `return_logits`, their logits."""
     batch, length = ids.shape
     cache = init_cache(model.config, batch, length + max_new_tokens, start, cache_dtype)
-    logits, cache = forward(model, params, ids, cache)
-
-    def pick(step, logits):
-        if greedy:
-            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        return sample_token(jax.random.fold_in(key, step), logits, temperature, top_k)
-
-    def step(carry, i):
-        cache, last = carry
-        token = pick(i, last)
-        logits, cache = forward(model, params, token[:, None], cache)
-        return (cache, logits[:, -1].astype(jnp.float32)), (token, last if return_logits else None)
-
-    last = logits[:, -1].astype(jnp.float32)
-    (_, last), (tokens, seen) = jax.lax.scan(step, (cache, last), jnp.arange(max_new_tokens - 1))
-    final = pick(max_new_tokens - 1, last)
-    tokens = jnp.concatenate([tokens.T, final[:, None]], axis=1)
-    if not return_logits:
-        return tokens, None
-    return tokens, jnp.concatenate([jnp.moveaxis(seen, 0, 1), last[:, None]], axis=1)
+    return decoding.decode(
+        lambda: forward(model, params, ids, cache),
+        lambda cache, token: forward(model, params, token[:, None], cache),
+        max_new_tokens=max_new_tokens, key=key, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p,
+        eos=eos, pad_token_id=pad, return_logits=return_logits,
+    )  # fmt: skip

@@ -1,0 +1,155 @@
+"""One decoding loop for every model family: a prefill, then one token per step in a compiled ``lax.scan``.
+
+A family supplies two functions, `prefill() -> (logits, state)` (the prompt run into its KV cache) and
+`step(state, token) -> (logits, state)` (one token per row appended); :func:`decode` picks each next token from the
+last logits (greedy, or sampled with temperature, top-k and top-p), fills a row with `pad_token_id` once it has
+emitted a stop token, and returns the new tokens. :func:`prompt_batch` and :func:`check_settings` are the input
+checks both families' ``generate`` share, so that the same mistake gets the same message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlora.models.sampling import sample_token
+
+__all__ = ["check_settings", "decode", "prompt_batch"]
+
+
+def prompt_batch(input_ids: Any, attention_mask: Any = None) -> tuple[np.ndarray, np.ndarray, bool]:
+    """The prompts as a (batch, length) integer array, their left-padding mask, and whether the input was 1-D.
+
+    Args:
+      input_ids: (batch, length) or (length,) integer token ids.
+      attention_mask: the same shape, 1 on real tokens and 0 on a leading run of padding; None for no padding.
+
+    Returns:
+      ``(ids, mask, squeeze)``: ids and a bool mask of shape (batch, length), and True for a 1-D input.
+
+    Raises:
+      ValueError: an empty or non-integer prompt, a mask of another shape, or padding that is not on the left.
+
+    Example:
+      >>> ids, mask, squeeze = prompt_batch([[0, 5, 6]], [[0, 1, 1]])
+      >>> ids.shape, mask.tolist(), squeeze
+      ((1, 3), [[False, True, True]], False)
+    """
+    ids = np.asarray(input_ids)
+    squeeze = ids.ndim == 1
+    ids = ids[None] if squeeze else ids
+    if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"input_ids must be a non-empty integer (batch, length) or (length,) array, got {ids.shape}.")
+    mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask, bool)
+    mask = mask[None] if squeeze and mask.ndim == 1 else mask
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask has shape {mask.shape}, input_ids {ids.shape}; they must be equal.")
+    start = ids.shape[1] - mask.sum(axis=1)
+    if not np.array_equal(mask, np.arange(ids.shape[1])[None] >= start[:, None]) or not mask[:, -1].all():
+        raise ValueError(
+            "attention_mask must be 0 on a leading run of padding and 1 after it, with at least one real token "
+            "per row: pad batched prompts on the left (see jaxlora.models.gpt2.left_pad)."
+        )
+    return ids, mask, squeeze
+
+
+def check_settings(
+    max_new_tokens: Any, sampled: bool, temperature: float, top_k: Any, top_p: Any, vocab_size: int
+) -> None:
+    """Refuses decoding settings that have no meaning, naming the setting and its valid range.
+
+    Args:
+      max_new_tokens: tokens to generate (an integer >= 0).
+      sampled: whether tokens are sampled (temperature, top_k and top_p only matter then).
+      temperature: > 0 when sampling.
+      top_k: None, or an integer in 1..vocab_size.
+      top_p: None, or a float in (0, 1].
+      vocab_size: the model's vocabulary size.
+
+    Returns:
+      None.
+
+    Example:
+      >>> check_settings(4, sampled=True, temperature=0.7, top_k=40, top_p=0.9, vocab_size=100)
+    """
+    if not isinstance(max_new_tokens, int | np.integer) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}.")
+    if sampled and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 to sample, got {temperature!r}; for greedy decoding pass no rng.")
+    if top_k is not None and not (isinstance(top_k, int | np.integer) and 1 <= top_k <= vocab_size):
+        raise ValueError(f"top_k must be an integer in 1..vocab_size={vocab_size} or None, got {top_k!r}.")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}.")
+
+
+def decode(
+    prefill: Callable[[], tuple[jax.Array, Any]],
+    step: Callable[[Any, jax.Array], tuple[jax.Array, Any]],
+    *,
+    max_new_tokens: int,
+    key: jax.Array,
+    greedy: bool,
+    temperature: jax.Array | float = 1.0,
+    top_k: jax.Array | int = 0,
+    top_p: jax.Array | float = 1.0,
+    eos: tuple[int, ...] = (),
+    pad_token_id: jax.Array | int = 0,
+    return_logits: bool = False,
+) -> tuple[jax.Array, jax.Array | None]:
+    """The new tokens of a batch: the prompt's prefill, then ``max_new_tokens - 1`` single-token steps.
+
+    Call it inside ``jax.jit`` (the step loop is a ``lax.scan``: one compiled program whatever the tokens). The
+    token after step ``i``'s logits is the argmax when `greedy`, else drawn by :func:`sample_token` with the key
+    ``fold_in(key, i)``, so the same key gives the same tokens. A row that has emitted a token of `eos` gets
+    `pad_token_id` from then on.
+
+    Args:
+      prefill: ``() -> (logits (batch, length, vocab), state)``, the prompt run into the model's cache.
+      step: ``(state, token (batch,)) -> (logits (batch, 1, vocab), state)``, one token per row appended.
+      max_new_tokens: how many tokens to return per row (>= 1; a static Python int).
+      key: a ``jax.random.key`` (unused when greedy).
+      greedy: argmax decoding (static).
+      temperature, top_k, top_p: sampling controls (0 and 1.0 keep every token); may be traced values.
+      eos: stop tokens (static); empty for none.
+      pad_token_id: what a row holds after its stop token.
+      return_logits: also return the (float32) logits each new token was chosen from.
+
+    Returns:
+      ``(tokens, logits)``: int32 (batch, max_new_tokens), and (batch, max_new_tokens, vocab) or None.
+
+    Example:
+      >>> bias = jnp.array([0.0, 1.0, 0.0])  # a "model" that always prefers token 1
+      >>> prefill = lambda: (jnp.zeros((2, 3, 3)) + bias, None)
+      >>> step = lambda state, token: (jnp.zeros((2, 1, 3)) + bias, state)
+      >>> decode(prefill, step, max_new_tokens=3, key=jax.random.key(0), greedy=True)[0].tolist()
+      [[1, 1, 1], [1, 1, 1]]
+    """
+    logits, state = prefill()
+    batch = logits.shape[0]
+
+    def pick(i: jax.Array, last: jax.Array, done: jax.Array) -> tuple[jax.Array, jax.Array]:
+        if greedy:
+            token = jnp.argmax(last, axis=-1).astype(jnp.int32)
+        else:
+            token = sample_token(jax.random.fold_in(key, i), last, temperature, top_k, top_p)
+        token = jnp.where(done, jnp.int32(pad_token_id), token)
+        return token, (done | jnp.isin(token, jnp.asarray(eos, jnp.int32))) if eos else done
+
+    def body(carry, i):
+        state, last, done = carry
+        token, done = pick(i, last, done)
+        logits, state = step(state, token)
+        return (state, logits[:, -1].astype(jnp.float32), done), (token, last if return_logits else None)
+
+    last = logits[:, -1].astype(jnp.float32)
+    carry = (state, last, jnp.zeros((batch,), bool))
+    (_, last, done), (tokens, seen) = jax.lax.scan(body, carry, jnp.arange(max_new_tokens - 1))
+    final, _ = pick(jnp.int32(max_new_tokens - 1), last, done)
+    tokens = jnp.concatenate([tokens.T, final[:, None]], axis=1)
+    if not return_logits:
+        return tokens, None
+    return tokens, jnp.concatenate([jnp.moveaxis(seen, 0, 1), last[:, None]], axis=1)
