@@ -63,3 +63,49 @@ def test_the_backward_pass_keeps_one_query_by_key_tensor():
     ours = [leaf.size for leaf in kept(attention)]
     assert ours.count(query_by_key) == 1, ours
     assert sum(ours) == 3 * q.size + query_by_key  # q, k, v and the weights
+
+
+def _grouped_inputs(groups=3, kv_heads=2, length=6):
+    q, _, _, mask = _inputs(heads=groups * kv_heads, length=length)
+    k, v = (jax.random.normal(key, (2, length, kv_heads, 8)) for key in jax.random.split(jax.random.key(1), 2))
+    return q, k, v, mask
+
+
+def plain_grouped_attention(q, k, v, mask):
+    """Grouped-query attention as transformers computes it: each key/value head repeated to its group's queries."""
+    groups = q.shape[2] // k.shape[2]
+    return plain_attention(q, jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2), mask)
+
+
+@pytest.mark.parametrize("per_head_mask", [False, True])
+def test_grouped_query_attention_equals_repeated_key_value_heads(per_head_mask):
+    """Forward and autodiff's gradients of the repeated-heads formula (dk, dv summed over each group)."""
+    q, k, v, mask = _grouped_inputs()
+    if per_head_mask:  # a (batch, heads, query, key) mask: each query head its own
+        mask = mask & (jnp.arange(q.shape[2]) != 4)[None, :, None, None] | jnp.eye(mask.shape[-1], dtype=bool)
+    np.testing.assert_allclose(attention(q, k, v, mask), plain_grouped_attention(q, k, v, mask), rtol=1e-6, atol=1e-6)
+    weights = jax.random.normal(jax.random.key(7), q.shape)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(weights * jnp.sin(fn(q, k, v, mask)))
+
+    ours = jax.grad(loss(attention), argnums=(0, 1, 2))(q, k, v)
+    reference = jax.grad(loss(plain_grouped_attention), argnums=(0, 1, 2))(q, k, v)
+    for got, want in zip(ours, reference, strict=True):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_query_backward_keeps_one_query_by_key_tensor_and_no_repeated_heads():
+    q, k, v, mask = _grouped_inputs(length=16)
+    query_by_key = q.shape[0] * q.shape[2] * q.shape[1] * k.shape[1]
+    _, backward = jax.vjp(lambda q, k, v: attention(q, k, v, mask), q, k, v)
+    kept = [leaf.size for leaf in jax.tree.leaves(backward) if getattr(leaf, "dtype", None) == jnp.float32]
+    assert kept.count(query_by_key) == 1, kept
+    assert sum(kept) == q.size + k.size + v.size + query_by_key  # k and v at their own (kv_heads) size
+
+
+def test_query_heads_that_do_not_divide_into_the_key_value_heads_are_refused():
+    q, k, v, mask = _grouped_inputs(groups=3, kv_heads=2)
+    with pytest.raises(ValueError, match="6 query heads cannot share 4 key/value heads"):
+        attention(q, jnp.concatenate([k, k], axis=2), jnp.concatenate([v, v], axis=2), mask)

@@ -1,4 +1,4 @@
-"""LayerNorm whose backward pass keeps only its input and two per-row statistics: less activation memory.
+"""LayerNorm and RMSNorm whose backward passes keep only their input and per-row statistics: less activation memory.
 
 Autodiff of flax's ``nn.LayerNorm`` keeps ``x - mean`` and the normalised ``x`` for the backward pass: two tensors of
 the activation's size per LayerNorm, from the forward pass until the backward pass reaches it. Here the backward pass
@@ -6,8 +6,12 @@ is written by hand and recomputes them from what it keeps: ``x`` (which a pre-La
 its residual stream), the per-row mean and 1/std. In the GPT-2 small LoRA step at batch 8 x 120 (two LayerNorms per
 block) XLA's scratch memory falls from 1021 to 959 MiB.
 
-The forward values are flax's own, bit for bit (the same operations in the same order); the gradients are the
-textbook formula, equal to autodiff's up to float rounding (tests/test_normalization.py checks both).
+`rms_norm` does the same for Llama's RMSNorm (Hugging Face's ``LlamaRMSNorm``): its backward pass keeps x and the
+per-row 1/rms, and recomputes the normalised x.
+
+The forward values are flax's own (for `rms_norm`, the plain formula's), bit for bit (the same operations in the
+same order); the gradients are the textbook formula, equal to autodiff's up to float rounding
+(tests/test_normalization.py checks both).
 """
 
 from __future__ import annotations
@@ -75,6 +79,56 @@ def _layer_norm_bwd(epsilon, residuals, g):
 
 
 layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+def _inverse_rms(x: jax.Array, epsilon: float) -> jax.Array:
+    h = x.astype(jnp.float32)
+    return lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + epsilon)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def rms_norm(x: jax.Array, scale: jax.Array, epsilon: float) -> jax.Array:
+    """RMSNorm over the last axis as Hugging Face's ``LlamaRMSNorm``, whose backward pass keeps x and 1/rms.
+
+    Args:
+      x: (..., features).
+      scale: (features,).
+      epsilon: added to the mean square.
+
+    Returns:
+      ``scale * (x / sqrt(mean(x²) + epsilon))``, the statistics and the division in float32, cast back to x's dtype
+      before the scale.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxlora.models.normalization import rms_norm
+      >>> rms_norm(jnp.array([[3.0, 4.0]]), jnp.ones(2), 0.0).round(3).tolist()
+      [[0.849, 1.131]]
+    """
+    return _rms_normalized(x, scale, _inverse_rms(x, epsilon))
+
+
+def _rms_normalized(x, scale, inverse_rms):
+    return scale * (x.astype(jnp.float32) * inverse_rms).astype(x.dtype)
+
+
+def _rms_norm_fwd(x, scale, epsilon):
+    inverse_rms = _inverse_rms(x, epsilon)
+    return _rms_normalized(x, scale, inverse_rms), (x, scale, inverse_rms)
+
+
+def _rms_norm_bwd(epsilon, residuals, g):
+    del epsilon
+    x, scale, inverse_rms = residuals
+    normalized = (x.astype(jnp.float32) * inverse_rms).astype(x.dtype)
+    g_n = (g * scale).astype(jnp.float32)  # the cotangent of the normalised x, before its cast back to x's dtype
+    n = normalized.astype(jnp.float32)
+    dx = inverse_rms * (g_n - n * jnp.mean(g_n * n, axis=-1, keepdims=True))
+    dscale = jnp.sum(g * normalized, axis=tuple(range(g.ndim - 1)))
+    return dx.astype(x.dtype), dscale.astype(scale.dtype)
+
+
+rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
 
 
 class LayerNorm(nn.Module):

@@ -25,9 +25,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlora.models.attention import attention
 from jaxlora.models.llama.cache import KVCache
 from jaxlora.models.llama.config import LlamaConfig
 from jaxlora.models.llama.rope import apply_rotary, rotary_tables
+from jaxlora.models.normalization import rms_norm
 
 
 class RMSNorm(nnx.Module):
@@ -38,27 +40,12 @@ class RMSNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = x.astype(jnp.float32)
-        h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
-        return self.scale[...] * h.astype(x.dtype)
+        return rms_norm(x, self.scale[...], self.eps)  # its backward pass keeps x and 1/rms, nothing of x's size more
 
 
 def _linear(n_in: int, n_out: int, bias: bool, config: LlamaConfig, dtype: Any, rngs: nnx.Rngs) -> nnx.Linear:
     init = nnx.initializers.normal(config.initializer_range)
     return nnx.Linear(n_in, n_out, use_bias=bias, dtype=dtype, param_dtype=dtype, kernel_init=init, rngs=rngs)
-
-
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, groups: int) -> jax.Array:
-    """Grouped-query attention: q (b, t, heads, d), k/v (b, s, kv_heads, d), mask (b, t, s) -> (b, t, heads, d).
-
-    Scores accumulate and the softmax runs in float32; a fully masked row (a padding query) stays finite.
-    """
-    b, t, heads, d = q.shape
-    q = q.reshape(b, t, heads // groups, groups, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * d**-0.5
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", weights, v).reshape(b, t, heads, d)
 
 
 class Attention(nnx.Module):
@@ -88,7 +75,7 @@ class Attention(nnx.Module):
             keys = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1)
             values = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
             k, v, kv = keys, values, (keys, values)
-        out = attend(q, k, v, mask, heads // kv_heads)
+        out = attention(q, k, v, mask[:, None])  # grouped-query; the backward pass keeps only the weights
         return self.o_proj(out.reshape(b, t, heads * d)), kv
 
 
