@@ -105,26 +105,26 @@ def rms_norm(x: jax.Array, scale: jax.Array, epsilon: float) -> jax.Array:
       >>> rms_norm(jnp.array([[3.0, 4.0]]), jnp.ones(2), 0.0).round(3).tolist()
       [[0.849, 1.131]]
     """
-    return _rms_normalized(x, scale, _inverse_rms(x, epsilon))
+    return _rms_norm_fwd(x, scale, epsilon)[0]
 
 
-def _rms_normalized(x, scale, inverse_rms):
-    return scale * (x.astype(jnp.float32) * inverse_rms).astype(x.dtype)
+def _rms_normalized(x: jax.Array, inverse_rms: jax.Array) -> jax.Array:
+    """x / rms in float32 (before its cast back to x's dtype)."""
+    return x.astype(jnp.float32) * inverse_rms
 
 
 def _rms_norm_fwd(x, scale, epsilon):
     inverse_rms = _inverse_rms(x, epsilon)
-    return _rms_normalized(x, scale, inverse_rms), (x, scale, inverse_rms)
+    return scale * _rms_normalized(x, inverse_rms).astype(x.dtype), (x, scale, inverse_rms)
 
 
 def _rms_norm_bwd(epsilon, residuals, g):
     del epsilon
     x, scale, inverse_rms = residuals
-    normalized = (x.astype(jnp.float32) * inverse_rms).astype(x.dtype)
-    g_n = (g * scale).astype(jnp.float32)  # the cotangent of the normalised x, before its cast back to x's dtype
-    n = normalized.astype(jnp.float32)
+    n = _rms_normalized(x, inverse_rms)
+    g_n = (g * scale).astype(jnp.float32)  # the cotangent of n, through its cast to x's dtype
     dx = inverse_rms * (g_n - n * jnp.mean(g_n * n, axis=-1, keepdims=True))
-    dscale = jnp.sum(g * normalized, axis=tuple(range(g.ndim - 1)))
+    dscale = jnp.sum(g * n.astype(x.dtype), axis=tuple(range(g.ndim - 1)))
     return dx.astype(x.dtype), dscale.astype(scale.dtype)
 
 
