@@ -58,10 +58,10 @@ def masked_scores(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
 
     `attention`'s first step; also for callers that must act on the weights themselves (dropout on them).
     """
-    if _grouped(q, k):
+    grouped = _grouped(q, k)
+    if grouped:
         q, mask = _split_heads(q, k.shape[2]), _grouped_mask(mask, k.shape[2])
-    equation = (_GROUPS if q.ndim == 5 else _HEADS)[0]
-    scores = jnp.einsum(equation, q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
+    scores = jnp.einsum((_GROUPS if grouped else _HEADS)[0], q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
     return jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
 
 
