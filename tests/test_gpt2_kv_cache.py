@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import jaxlora
-from jaxlora.models import gpt2
+from jaxlora.models import decoding, gpt2
 from jaxlora.models.gpt2 import GPT2, GPT2Config, generate, generate_greedy, init_cache, left_pad
 from jaxlora.models.sampling import sample_token
 
@@ -264,10 +264,11 @@ def test_the_decoding_functions_document_args_and_their_examples_run():
     import sys
 
     finder, runner = doctest.DocTestFinder(), doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
-    for function in (init_cache, gpt2.apply_model, sample_token, left_pad, generate):
+    shared = [getattr(decoding, name) for name in decoding.__all__]  # the decoding loop both families run on
+    for function in (init_cache, gpt2.apply_model, sample_token, left_pad, generate, *shared):
         doc = inspect.getdoc(function)
         assert "Args:" in doc and "Returns:" in doc and ">>>" in doc, function.__name__
         globs = {**vars(gpt2), **vars(sys.modules[function.__module__])}  # the package's names, the module's own
         for test in finder.find(function, function.__name__, globs=globs):
             runner.run(test)
-    assert runner.failures == 0 and runner.tries >= 10, (runner.failures, runner.tries)
+    assert runner.failures == 0 and runner.tries >= 18, (runner.failures, runner.tries)

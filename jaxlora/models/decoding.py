@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxlora.models.sampling import sample_token
 
-__all__ = ["check_settings", "decode", "prompt_batch"]
+__all__ = ["check_settings", "decode", "prompt_batch", "stop_tokens", "traced_settings"]
 
 
 def prompt_batch(input_ids: Any, attention_mask: Any = None) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -84,6 +84,47 @@ def check_settings(
         raise ValueError(f"top_k must be an integer in 1..vocab_size={vocab_size} or None, got {top_k!r}.")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}.")
+
+
+def traced_settings(
+    rng: jax.Array | None, temperature: float, top_k: int | None, top_p: float | None, pad_token_id: int
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The sampling settings as arrays for a jitted :func:`decode`, so that other values reuse its program.
+
+    Args:
+      rng: a ``jax.random.key``, or None (greedy: a fixed key, never used).
+      temperature: the sampling temperature.
+      top_k: None for every token (0).
+      top_p: None for every token (1.0).
+      pad_token_id: what a row holds after its stop token.
+
+    Returns:
+      ``(key, temperature, top_k, top_p, pad_token_id)``: a key, float32, int32, float32 and int32 scalars.
+
+    Example:
+      >>> key, temperature, top_k, top_p, pad = traced_settings(None, 1.0, None, 0.9, 0)
+      >>> int(top_k), float(top_p)
+      (0, 0.8999999761581421)
+    """
+    key = jax.random.key(0) if rng is None else rng
+    top_p = 1.0 if top_p is None else top_p
+    return key, jnp.float32(temperature), jnp.int32(top_k or 0), jnp.float32(top_p), jnp.int32(pad_token_id)
+
+
+def stop_tokens(eos_token_id: int | tuple[int, ...] | None) -> tuple[int, ...]:
+    """`eos_token_id` (one id, several, or None) as the static tuple :func:`decode` takes.
+
+    Args:
+      eos_token_id: the stop token(s), or None for none.
+
+    Returns:
+      A tuple of Python ints (empty for None).
+
+    Example:
+      >>> stop_tokens(None), stop_tokens(7), stop_tokens([7, 9])
+      ((), (7,), (7, 9))
+    """
+    return () if eos_token_id is None else tuple(int(t) for t in np.atleast_1d(eos_token_id))
 
 
 def decode(

@@ -190,20 +190,15 @@ def generate(
         fed = np.where(mask, ids, 0)  # the padding is never attended to, but an id outside the vocabulary is NaN
         tokens, logits = _decode(
             model, forward, params, jnp.asarray(fed, jnp.int32), jnp.asarray(start, jnp.int32),
-            jax.random.key(0) if rng is None else rng, jnp.float32(temperature), jnp.int32(top_k or 0),
-            jnp.float32(1.0 if top_p is None else top_p), jnp.int32(pad_token_id), max_new_tokens=int(max_new_tokens),
-            greedy=rng is None, eos=_stop_tokens(eos_token_id), cache_dtype=jnp.dtype(cache_dtype),
-            return_logits=return_logits,
+            *decoding.traced_settings(rng, temperature, top_k, top_p, pad_token_id),
+            max_new_tokens=int(max_new_tokens), greedy=rng is None, eos=decoding.stop_tokens(eos_token_id),
+            cache_dtype=jnp.dtype(cache_dtype), return_logits=return_logits,
         )  # fmt: skip
     out = jnp.concatenate([jnp.asarray(ids, jnp.int32), tokens], axis=1)
     out = out[0] if squeeze else out
     if return_logits:
         return out, logits[0] if squeeze else logits
     return out
-
-
-def _stop_tokens(eos_token_id: int | tuple[int, ...] | None) -> tuple[int, ...]:
-    return () if eos_token_id is None else tuple(int(t) for t in np.atleast_1d(eos_token_id))
 
 
 @partial(

@@ -7,7 +7,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from jaxlora.models import decoding
@@ -64,13 +63,11 @@ def generate(
     decoding.check_settings(max_new_tokens, rng is not None, temperature, top_k, top_p, model.config.vocab_size)
     if max_new_tokens == 0:
         return jnp.asarray(ids[0] if squeeze else ids, jnp.int32)
-    eos = () if eos_token_id is None else tuple(int(t) for t in np.atleast_1d(eos_token_id))
     graphdef, state = nnx.split(model)
-    key = jax.random.key(0) if rng is None else rng
     out = _generate(
-        graphdef, state, jnp.asarray(ids, jnp.int32), jnp.asarray(mask), key, jnp.float32(temperature),
-        jnp.int32(top_k or 0), jnp.float32(1.0 if top_p is None else top_p), jnp.int32(pad_token_id),
-        max_new_tokens=max_new_tokens, greedy=rng is None, eos=eos,
+        graphdef, state, jnp.asarray(ids, jnp.int32), jnp.asarray(mask),
+        *decoding.traced_settings(rng, temperature, top_k, top_p, pad_token_id),
+        max_new_tokens=max_new_tokens, greedy=rng is None, eos=decoding.stop_tokens(eos_token_id),
     )  # fmt: skip
     return out[0] if squeeze else out
 
