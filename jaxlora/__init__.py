@@ -5,7 +5,7 @@ hand it to the other functions.
 """
 
 from jaxlora import analysis, checkpoint, layers, loraplus, name_maps, peft_format, quantization
-from jaxlora._src.adapter_bank import BASE_MODEL, AdapterBank, adapter_bank, apply_bank
+from jaxlora._src.adapter_bank import BASE_MODEL, AdapterBank, adapter_bank, apply_bank, apply_bank_nnx
 from jaxlora._src.adapter_module import AdapterModule
 from jaxlora._src.builtin_layers import register_builtin_layers as _register_builtin_layers
 from jaxlora._src.combinations import weighted_cat, weighted_linear, weighted_svd
@@ -48,6 +48,7 @@ __all__ = [
     "analysis",
     "apply",
     "apply_bank",
+    "apply_bank_nnx",
     "apply_fn",
     "apply_nnx",
     "apply_nnx_fn",

@@ -309,6 +309,29 @@ def test_a_mixed_batch_of_gpt2_stacked_or_not_equals_each_row_alone(scan_layers)
     np.testing.assert_allclose(got[2], jax.jit(model.apply)({"params": params}, tokens)[2], atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_a_mixed_batch_over_a_quantized_base_equals_each_row_alone_over_the_decoded_base(kind):
+    """Many adapters over one quantized base: every adapted kernel and the tied embedding stay quantized."""
+    from jaxlora.models.gpt2 import GPT2, GPT2Config
+
+    model = GPT2(GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=2, n_head=2))
+    tokens = jax.random.randint(jax.random.key(6), (4, 6), 0, 40)
+    params = jax.jit(model.init)(jax.random.key(0), tokens)["params"]
+    configs = [
+        jaxlora.LoraConfig(rank=2, alpha=4.0, targets=(r"h_\d+/attn/c_attn/kernel", r"wte/embedding")),
+        jaxlora.LoraConfig(rank=3, alpha=3.0, targets=(r"h_\d+/.*/kernel",)),
+    ]
+    entries = [_trained(params, c, 50 + i) for i, c in enumerate(configs)]
+    bank = jaxlora.adapter_bank(entries)
+    quantized = jaxlora.quantization.quantize(params, bank.plan, kind=kind, block_size=16, embeddings=True)
+    assert jaxlora.quantization.is_quantized(quantized["wte"]["embedding"])
+    decoded = jaxlora.quantization.dequantize_params(quantized)
+    ids = [1, 0, -1, 1]
+    forward = jax.jit(lambda b, i, x: jaxlora.apply_bank(model, {"params": quantized}, b, i, x))
+    got = forward(bank, bank.ids(ids), tokens)
+    np.testing.assert_allclose(got, _rowwise(model, decoded, entries, ids, tokens), atol=2e-5, rtol=1e-5)
+
+
 def _row_loss(logits, targets):
     return -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], axis=-1).sum()
 
@@ -436,7 +459,7 @@ def test_bank_bad_input_is_refused_with_the_fix():
     x = jnp.ones((2, 5, 3))
     conv_params = conv.init(jax.random.key(0), x)["params"]
     conv_bank = jaxlora.adapter_bank([_trained(conv_params, jaxlora.LoraConfig(rank=1), 42)])
-    with pytest.raises(ValueError, match=r"\['kernel'\] are not consumed by a layer it serves"):
+    with pytest.raises(ValueError, match=r"'kernel' cannot be served per example: it is a convolution.s kernel"):
         jaxlora.apply_bank(conv, {"params": conv_params}, conv_bank, jnp.asarray([0, -1]), x)
     with pytest.raises(ValueError, match="this Plan was built for other params"):
         jaxlora.apply_bank(model, {"params": other_params}, bank, bank.ids([0] * 6), tokens)

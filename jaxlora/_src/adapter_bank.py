@@ -8,15 +8,18 @@ index per example (`BASE_MODEL` = -1: the base model): every served layer comput
     y_b = base(x_b)                                 for rows with index -1 (exactly the base layer's output)
     y_b = base(x_b) + s_{i_b}·(x_b A_{i_b}) B_{i_b}  otherwise
 
-The per-example term is a gather + batched contraction: A_{i_b} and B_{i_b} are gathered per example (B·in·R
-and B·R·out elements, under a megabyte for GPT-2 small at r16 and a batch of 8), then contracted with a batched
-dot_general whose batch axis is the example. This costs the same FLOPs as one adapter for the whole batch, and is
-fastest on every backend here: a one-hot contraction over the N adapters does N times the LoRA FLOPs (it
-computes every adapter for every row); `jax.lax.ragged_dot` needs the tokens sorted by adapter and scattered back
-(two extra passes over the activations, B·T·d each, far more than the gathered weights), and on CPU and older
-GPUs it lowers to a dense loop over the groups. The batched dot_general maps to one batched GEMM on GPU/TPU (and a
+Each adapted kernel is served by the operation that consumes it (`providers`), as `jaxlora.apply` serves one
+adapter, so linen and NNX models, scanned stacks and any layer type are served alike (`apply_bank`,
+`apply_bank_nnx`). The per-example term is a gather + batched contraction: A_{i_b} and B_{i_b} are gathered per
+example (B·in·R and B·R·out elements, under a megabyte for GPT-2 small at r16 and a batch of 8), then contracted
+with a batched einsum whose batch axis is the example. This costs the same FLOPs as one adapter for the whole
+batch, and is fastest on every backend here: a one-hot contraction over the N adapters does N times the LoRA FLOPs
+(it computes every adapter for every row); `jax.lax.ragged_dot` needs the tokens sorted by adapter and scattered
+back (two extra passes over the activations, B·T·d each, far more than the gathered weights), and on CPU and older
+GPUs it lowers to a dense loop over the groups. The batched contraction maps to one batched GEMM on GPU/TPU (and a
 batched GEMV when decoding one token), and its transpose under autodiff is a scatter-add into each used slot:
-gradients reach only the slots the batch uses, and the frozen base gets none.
+gradients reach only the slots the batch uses, and the frozen base gets none. A use that has no per-example form
+(a convolution, an input whose leading axis is not the example axis) is refused: a bank cannot merge.
 
 Hot-swap: a bank's arrays are its pytree leaves and its plan and slot names its static structure, so replacing
 an adapter in a slot (`AdapterBank.replace`, same or smaller rank, targets within the bank's) or changing the
@@ -26,7 +29,7 @@ indices never recompiles a function the bank is an argument of.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -36,34 +39,17 @@ import numpy as np
 from jax import lax
 
 from jaxlora._src.derived_plans import check_same_base, derived_plan
-from jaxlora._src.interception import holds, intercepted
 from jaxlora._src.merging import masked_b
+from jaxlora._src.model_trace import linen_call, nnx_call
+from jaxlora._src.operands import Operand
 from jaxlora._src.paths import PyTree
 from jaxlora._src.planning import LeafPlan, Plan
+from jaxlora._src.quantization import is_quantized
+from jaxlora._src.serving import frozen_tag, run_tagged
 
 BASE_MODEL = -1  # the adapter index of a row that runs the base model alone
 
 Entry = tuple[Mapping, Plan]
-
-
-def _slot(param: str, name: str) -> str:
-    """The params entry that carries a stacked adapter's `name` ("lora_a", ...) next to the kernel `param`."""
-    return f"{param}:{name}"
-
-
-def _with_stacked_adapters(params: PyTree, entries: Mapping[str, Any]) -> PyTree:
-    """`params` (nested mappings) with extra leaves at the "/"-joined paths of `entries`, in new dicts."""
-    out = dict(params)
-    children: dict[str, dict[str, Any]] = {}
-    for path, value in entries.items():
-        head, _, rest = path.partition("/")
-        if rest:
-            children.setdefault(head, {})[rest] = value
-        else:
-            out[head] = value
-    for head, sub in children.items():
-        out[head] = _with_stacked_adapters(params[head], sub)
-    return out
 
 
 @jax.tree_util.register_pytree_node_class
@@ -256,96 +242,7 @@ def adapter_bank(entries: Sequence[Entry] | Mapping[str, Entry], names: Sequence
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Serving: one term function per layer kind. Each gets x, the bank's A and B at the layer (slot axis first),
-# the clipped indices (B,) and each row's factor (B,) (the slot's scale, 0 for base rows, NaN for bad indices).
-
-
-def _batched(x: jax.Array, w: jax.Array, x_axes: tuple[int, ...], w_axes: tuple[int, ...]) -> jax.Array:
-    """Per-example contraction: x (B, ...) with w (B, ...) over the given axes, the example axis batched."""
-    return lax.dot_general(x, w, ((x_axes, w_axes), ((0,), (0,))))
-
-
-def _per_row(factor: jax.Array, ndim: int) -> jax.Array:
-    return factor.reshape((-1,) + (1,) * (ndim - 1))
-
-
-def _linear_term(module, method, x, a, b, ids, factor, leaf: LeafPlan):
-    """nn.Dense / nn.DenseGeneral over the trailing `fan_in_ndim` axes: s·(x A_i) B_i per example."""
-    k = leaf.fan_in_ndim
-    if isinstance(module, nn.DenseGeneral):
-        axis = module.axis if isinstance(module.axis, tuple | list) else (module.axis,)
-        if tuple(ax % x.ndim for ax in axis) != tuple(range(x.ndim - k, x.ndim)):
-            return None  # contracts axes other than the trailing ones
-    a_rows, b_rows = a[ids].astype(a.dtype), b[ids]
-    x = x.astype(a.dtype)
-    xa = _batched(x, a_rows, tuple(range(x.ndim - k, x.ndim)), tuple(range(1, k + 1)))  # (B, ..., R)
-    xa = xa * _per_row(factor, xa.ndim).astype(xa.dtype)
-    return _batched(xa, b_rows, (xa.ndim - 1,), (1,))
-
-
-def _embed_term(module, method, x, a, b, ids, factor, leaf: LeafPlan):
-    """nn.Embed: the looked-up rows of A_i times B_i (`__call__`), or s·(q B_iᵀ) A_iᵀ (`attend`)."""
-    b_rows = b[ids]  # (B, R, d)
-    if method == "__call__":
-        rows = a[ids.reshape((-1,) + (1,) * (x.ndim - 1)), x]  # (B, ..., R): only the looked-up rows
-        rows = rows * _per_row(factor, rows.ndim).astype(rows.dtype)
-        return _batched(rows, b_rows, (rows.ndim - 1,), (1,))
-    q = x.astype(b.dtype)
-    qb = _batched(q, b_rows, (q.ndim - 1,), (2,))  # (B, ..., R)
-    qb = qb * _per_row(factor, qb.ndim).astype(qb.dtype)
-    return _batched(qb, a[ids], (qb.ndim - 1,), (2,))
-
-
-_BANK_TERMS = {nn.Dense: _linear_term, nn.DenseGeneral: _linear_term, nn.Embed: _embed_term}
-
-
-class _BankInterceptor:
-    def __init__(self, bank: AdapterBank, ids: jax.Array, factors: Mapping[str, jax.Array]):
-        self.bank, self.ids, self.factors = bank, ids, factors
-        self.served: set[str] = set()
-
-    def _weights(self, module: nn.Module, param: str, path: str, leaf: LeafPlan):
-        """The bank's A and B at this layer (slot axis first), or None."""
-        k = leaf.stacked_axes
-        if not k:
-            return (self.bank.a[path], self.bank.b[path]) if holds(module, param, leaf.shape) else None
-        if not module.has_variable("params", _slot(param, "bank_a")):
-            return None
-        a = module.get_variable("params", _slot(param, "bank_a"))
-        b = module.get_variable("params", _slot(param, "bank_b"))
-        n = self.bank.num_slots
-        if a.shape != (n, *leaf.a_shape[k:]) or b.shape != (n, *leaf.b_shape[k:]):
-            return None
-        return (a, b) if holds(module, param, leaf.layer_shape) else None
-
-    def __call__(self, next_fun, args, kwargs, context):
-        module, method = context.module, context.method_name
-        found = intercepted(context, args)
-        if found is None:
-            return next_fun(*args, **kwargs)
-        kind, path = found
-        leaf = self.bank.plan.leaves.get(path)
-        weights = None if leaf is None else self._weights(module, kind.param, path, leaf)
-        term_fn = _BANK_TERMS.get(kind.module_type)
-        if weights is None or term_fn is None:
-            return next_fun(*args, **kwargs)
-        if kind.contraction is not None and kind.contraction(module) != leaf.fan_in_ndim:
-            return next_fun(*args, **kwargs)
-        x = args[0]
-        if jnp.ndim(x) < 1 or jnp.shape(x)[0] != self.ids.shape[0]:
-            raise ValueError(
-                f"apply_bank: the layer at {path!r} is called with an input of shape {jnp.shape(x)}, whose leading "
-                f"axis is not the batch of {self.ids.shape[0]} examples the adapter indices name; a bank serves "
-                "layers whose inputs keep the example axis first (exclude this layer from the adapters' targets)"
-            )
-        safe_ids = jnp.clip(self.ids, 0, self.bank.num_slots - 1)
-        term = term_fn(module, method, x, *weights, safe_ids, self.factors[path], leaf)
-        if term is None:
-            return next_fun(*args, **kwargs)
-        base = next_fun(*args, **kwargs)
-        self.served.add(path)
-        base_rows = _per_row(self.ids == BASE_MODEL, base.ndim)
-        return jnp.where(base_rows, base, base + term.astype(base.dtype))
+# Serving: the bank's tags, then the model run by the operations that consume them.
 
 
 def _factors(bank: AdapterBank, ids: jax.Array) -> dict[str, jax.Array]:
@@ -378,14 +275,64 @@ def _check_ids(bank: AdapterBank, adapter_ids: Any) -> jax.Array:
     return ids.astype(jnp.int32)
 
 
+def _bank_tag(bank: AdapterBank, ids: jax.Array) -> Callable[[str, Any], Operand | None]:
+    """`tag(path, value)` for `run_tagged`: each adapted kernel with the bank's A and B at its path (slot axis after
+    its stack axes, so that a scan slices the layers) and each example's slot and factor; frozen kernels as usual."""
+    factors = _factors(bank, ids)
+
+    def tag(path: str, value: Any) -> Operand | None:
+        leaf = bank.plan.leaves.get(path)
+        if leaf is None:
+            return frozen_tag(path, value, fast=True)
+        k = leaf.stacked_axes
+
+        def per_layer(rows: jax.Array) -> jax.Array:  # one copy of the (batch,) rows per stacked layer
+            return jnp.broadcast_to(rows, leaf.stack_shape + rows.shape)
+
+        return Operand(
+            a=jnp.moveaxis(bank.a[path], 0, k),
+            b=jnp.moveaxis(bank.b[path], 0, k),
+            quantized=value if is_quantized(value) else None,
+            path=path,
+            leaf=leaf,
+            depth=k,
+            slots=per_layer(ids),
+            factor=per_layer(factors[path]),
+        )
+
+    return tag
+
+
+def _served(bank: AdapterBank, call: Callable[..., Any], params: PyTree, adapter_ids: Any, args, kwargs) -> Any:
+    """`call(params, *args, **kwargs)` with every example served by its own slot of the bank."""
+    bank.plan.check_params(params)
+    ids = _check_ids(bank, adapter_ids)
+    out, record = run_tagged(call, params, args, kwargs, _bank_tag(bank, ids), fast=True)
+    unused = sorted(set(bank.plan.leaves) - set(record.served))
+    if unused:
+        raise ValueError(
+            f"apply_bank: the model's call never uses the kernels at {unused}, so the bank's adapters there have no "
+            "effect; build the bank from adapters planned for this model's params, or leave these kernels out of "
+            "the adapters' targets"
+        )
+    return out
+
+
+def _check_bank(bank: Any, what: str) -> None:
+    if not isinstance(bank, AdapterBank):
+        raise TypeError(f"{what} takes a jaxlora.AdapterBank (from jaxlora.adapter_bank), got {type(bank).__name__}")
+
+
 def apply_bank(model: nn.Module, variables: Mapping[str, Any], bank: AdapterBank, adapter_ids: Any, *args, **kwargs):
     """`model.apply(variables, *args, **kwargs)` with each example served by its own adapter from `bank`.
 
-    Row b uses slot `adapter_ids[b]`; `BASE_MODEL` (-1) gives exactly the base model's output for that row.
-    Served: `nn.Dense`, `nn.DenseGeneral` contracting its trailing axes, and `nn.Embed` (lookup and `attend`),
-    stacked (`nn.scan`) or not; every layer input must keep the example axis first. Differentiable with respect
-    to the bank (each slot receives the gradient of the rows that use it, unused slots exactly zero), so several
-    adapters train in one step. LoRA dropout is not applied.
+    Row b uses slot `adapter_ids[b]`; `BASE_MODEL` (-1) gives the base model's output for that row. Every adapted
+    kernel is served by the operation that consumes it, as `jaxlora.apply` serves one adapter: any product
+    (`nn.Dense`, `DenseGeneral`, `Einsum`, `jnp.einsum`, `@`, a tied head's `attend`) and embedding lookup, inside
+    `nn.scan`, `nn.remat`, `nn.jit` and the other transforms, with quantized bases too. The input of each served
+    operation must keep the example axis first. Differentiable with respect to the bank (each slot receives the
+    gradient of the rows that use it, unused slots exactly zero), so several adapters train in one step. LoRA
+    dropout is not applied.
 
     Args:
       model: a flax.linen module.
@@ -400,8 +347,9 @@ def apply_bank(model: nn.Module, variables: Mapping[str, Any], bank: AdapterBank
       What `model.apply` returns.
 
     Raises:
-      ValueError: if the params are not the bank's base, or some adapted path is not served by a layer the bank
-        supports (a bank cannot fall back to merging: each row has its own weights).
+      ValueError: if the params are not the bank's base, or an adapted kernel is used in a way that has no
+        per-example form (a convolution, an input without the example axis first, ...): a bank cannot fall back
+        to merging, since each row has its own weights.
       IndexError: for an index out of range (outside jit).
 
     Example:
@@ -415,29 +363,40 @@ def apply_bank(model: nn.Module, variables: Mapping[str, Any], bank: AdapterBank
       >>> y.shape
       (3, 3)
     """
-    if not isinstance(bank, AdapterBank):
-        raise TypeError(
-            f"apply_bank takes a jaxlora.AdapterBank (from jaxlora.adapter_bank), got {type(bank).__name__}"
-        )
+    _check_bank(bank, "apply_bank")
     if not isinstance(variables, Mapping) or "params" not in variables:
         raise ValueError("variables must be a dict with a 'params' collection, as for model.apply({'params': params})")
-    params = variables["params"]
-    bank.plan.check_params(params)
-    ids = _check_ids(bank, adapter_ids)
-    entries = {}
-    for path, leaf in bank.plan.leaves.items():
-        k = leaf.stacked_axes
-        if k:  # slot axis after the stack axes, so nn.scan slices each layer's (N, ...) stack of adapters
-            entries[_slot(path, "bank_a")] = jnp.moveaxis(bank.a[path], 0, k)
-            entries[_slot(path, "bank_b")] = jnp.moveaxis(bank.b[path], 0, k)
-    interceptor = _BankInterceptor(bank, ids, _factors(bank, ids))
-    with nn.intercept_methods(interceptor):
-        out = model.apply({**variables, "params": _with_stacked_adapters(params, entries)}, *args, **kwargs)
-    unserved = sorted(set(bank.plan.leaves) - interceptor.served)
-    if unserved:
-        raise ValueError(
-            f"apply_bank: the bank's adapters for {unserved} are not consumed by a layer it serves (nn.Dense, "
-            "nn.DenseGeneral over trailing axes, nn.Embed; stacked ones declared in stacked_axes); a bank cannot "
-            "merge per example: leave these layers out of the adapters' targets"
-        )
-    return out
+    return _served(bank, linen_call(model, variables), variables["params"], adapter_ids, args, kwargs)
+
+
+def apply_bank_nnx(module: Any, bank: AdapterBank, adapter_ids: Any, *args, **kwargs):
+    """`module(*args, **kwargs)` with each example served by its own adapter from `bank`; the module is unchanged.
+
+    The nnx twin of `apply_bank` (see there): the bank is built from adapters planned on
+    `nnx.state(module, nnx.Param)`; `nnx.Linear`, `LinearGeneral`, `Einsum`, `Embed` and any product or lookup of
+    an adapted kernel are served, inside `nnx.scan`, `nnx.remat`, `nnx.jit` and `nnx.bridge` layers alike.
+
+    Args:
+      module: an nnx module.
+      bank: from `jaxlora.adapter_bank`.
+      adapter_ids: int array (batch,) of slot indices; -1 for the base model.
+      *args: the module's positional arguments.
+      **kwargs: its keyword arguments.
+
+    Returns:
+      What the module returns.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxlora
+      >>> from flax import nnx
+      >>> layer = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+      >>> params = nnx.state(layer, nnx.Param)
+      >>> plan = jaxlora.plan(params, jaxlora.LoraConfig(rank=2))
+      >>> _, adapters = jaxlora.init(jax.random.key(1), params, plan)
+      >>> bank = jaxlora.adapter_bank({"a": (adapters, plan), "b": (adapters, plan)})
+      >>> jaxlora.apply_bank_nnx(layer, bank, bank.ids(["b", None]), jnp.ones((2, 4))).shape
+      (2, 3)
+    """
+    _check_bank(bank, "apply_bank_nnx")
+    call, params = nnx_call(module)
+    return _served(bank, call, params, adapter_ids, args, kwargs)

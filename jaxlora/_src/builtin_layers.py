@@ -2,8 +2,8 @@
 
 `jaxlora.apply` / `apply_nnx` serve these by the operations they compute with (see `serving`), like any other
 module; their registry entries say which param holds W, which methods compute with it and how many input axes
-they contract, which the adapter bank (`apply_bank`) and `registered_layers()` read. A user's own registration of a
-type (`register_layer`) is what routes a module through a layer kind's `serve` instead.
+they contract, which `registered_layers()` reports. A user's own registration of a type (`register_layer`) is what
+routes a module through a layer kind's `serve` instead.
 """
 
 from __future__ import annotations

@@ -205,6 +205,16 @@ def materialized(value: Any, tag: Operand) -> Any:
     return value + tag.delta(value.dtype)
 
 
+def _merged_use(record: Record, tag: Operand, cause: str) -> None:
+    """Records that one use of an adapted kernel is merged; a bank's kernel cannot be (each example has its own)."""
+    if tag.banked:
+        raise ValueError(
+            f"apply_bank: the bank's adapters of {tag.path!r} cannot be served per example: {cause}. A bank cannot "
+            "merge an adapter for some examples only: leave this kernel out of the adapters' targets"
+        )
+    record.merge(tag.path, cause)
+
+
 def _merged_inputs(eqn, values, tags, record: Record, cause: str) -> list[Any]:
     out = []
     for value, tag in zip(values, tags, strict=True):
@@ -212,7 +222,7 @@ def _merged_inputs(eqn, values, tags, record: Record, cause: str) -> list[Any]:
             out.append(value)
             continue
         if tag.adapted:
-            record.merge(tag.path, cause)
+            _merged_use(record, tag, cause)
         out.append(materialized(value, tag))
     return out
 
@@ -333,8 +343,9 @@ def _scan(eqn, values, tags, record: Record, options: Options) -> list[Any]:
     xs = list(xs)
     for i, tag in enumerate(xs_tags):
         if tag is not None and tag.adapted and tag.depth == 0:
-            record.merge(
-                tag.path,
+            _merged_use(
+                record,
+                tag,
                 "it is stacked by a scan (nn.scan/nnx.scan) that slices it layer by layer, but the plan gives it one "
                 "adapter over the whole stack: build the plan with jaxlora.plan(params, config, model=model, "
                 "example=...) or set stacked_axes for it",

@@ -26,7 +26,8 @@ class Operand:
     """A parameter's tag: its adapter's arrays (None for a frozen kernel) at the current slicing of its stack.
 
     Attributes:
-      a, b: A (*stack, *in, r) and B (*stack, r, *out), with `depth` stack axes left (B masked to the adapted layers).
+      a, b: A (*stack, *in, r) and B (*stack, r, *out), with `depth` stack axes left (B masked to the adapted layers);
+        for an adapter bank's kernel, A (*stack, N, *in, R) and B (*stack, N, R, *out), one slot per adapter set.
       rng: the LoRA dropout key(s) of the leaf (one per stacked layer left), or None.
       magnitude: DoRA's magnitude, or None.
       quantized: the quantized kernel (a `qwix.QArray`) the traced placeholder stands for, or None.
@@ -36,6 +37,9 @@ class Operand:
       dropout: the LoRA dropout rate.
       dtype: the dtype the model converted the kernel to (for a quantized kernel, whose value is not an array).
       perm: the value is the kernel's view transposed by `perm` (e.g. `embedding.T` in a tied head), or None.
+      slots: for a bank's kernel, each example's slot (*stack, batch) int32, -1 for the base model; else None.
+      factor: for a bank's kernel, each example's scale (*stack, batch) float32: its slot's alpha / r, 0 for the
+        base model, NaN for a slot out of range.
     """
 
     a: Any = None
@@ -49,6 +53,8 @@ class Operand:
     dropout: float = dataclasses.field(default=0.0, metadata={"static": True})
     dtype: Any = dataclasses.field(default=None, metadata={"static": True})
     perm: tuple[int, ...] | None = dataclasses.field(default=None, metadata={"static": True})
+    slots: Any = None
+    factor: Any = None
 
     def original_axis(self, axis: int) -> int:
         """The axis of the (sliced) kernel that axis `axis` of this transposed view is."""
@@ -61,6 +67,28 @@ class Operand:
     @property
     def adapted(self) -> bool:
         return self.leaf is not None
+
+    @property
+    def banked(self) -> bool:
+        """Whether each example has its own adapter (a bank's kernel)."""
+        return self.slots is not None
+
+    @property
+    def safe_slots(self) -> jax.Array:
+        """A bank's slot per example, clipped into the bank (a base or out-of-range row reads slot 0 or N-1, then
+        `example_rows` zeroes or poisons it)."""
+        return jnp.clip(self.slots, 0, self.a.shape[self.depth] - 1)
+
+    def example_rows(self, x: jax.Array, scaled: bool = False) -> jax.Array:
+        """x (batch, ...) gathered per example from a bank, zero on base rows and, if `scaled`, times each
+        example's factor (NaN for a slot out of range). Gradients reach each slot from its own examples only."""
+
+        def per_row(v):
+            return v.reshape(v.shape + (1,) * (x.ndim - v.ndim))
+
+        if scaled:
+            x = x * per_row(self.factor).astype(x.dtype)
+        return jnp.where(per_row(self.slots == -1), jnp.zeros((), x.dtype), x)
 
     def adapter(self) -> Adapter:
         """The `Adapter` the layer-kind helpers take (dropout, scaling)."""

@@ -157,6 +157,14 @@ def serve_dot_general(eqn: Any, x: Any, w: Any, tag: Operand, kernel_is_rhs: boo
         )
     if tag.magnitude is not None:
         return _serve_dora(x, w, tag, dims, kernel_is_rhs, params, transposed)
+    if tag.banked:
+        rows = _bank_rows(tag, x, lc if kernel_is_rhs else rc)
+        if isinstance(rows, Refusal):
+            return rows
+        base = functools.partial(_base, eqn, kernel_is_rhs)
+        out_dtype = jax.eval_shape(base, x, w).dtype
+        term = _term(tag, x.ndim, w.ndim, dims, kernel_is_rhs, transposed, out_dtype, per_example=True)
+        return factored(base, term, x, x, w, *rows)
     x_lora = tag.adapter().drop(x)
     if not transposed and tag.perm is None and _dense_like(x, w, dims, kernel_is_rhs, params):
         if bias is not None and jnp.result_type(bias) == jnp.result_type(x, w):
@@ -171,13 +179,14 @@ def _base(eqn: Any, kernel_is_rhs: bool, x: Any, w: Any) -> Any:
     return bind(eqn, x, w) if kernel_is_rhs else bind(eqn, w, x)
 
 
-def _term(tag: Operand, x_ndim, w_ndim, dims, kernel_is_rhs, transposed, out_dtype) -> Callable:
+def _term(tag: Operand, x_ndim, w_ndim, dims, kernel_is_rhs, transposed, out_dtype, per_example=False) -> Callable:
     """The LoRA term of `dot_general(x, W)` (or `(W, x)`) as two einsums, in the output layout of the operation.
 
     Letters name axes: x's axes, and W's own axes (through any transpose), shared where the operation pairs them.
     A holds W's stack letters, its in-axis letters and r; B the stack letters, r and the out-axis letters; the term
     is einsum(x, A) then einsum with B (with the roles of A and B swapped when the operation contracts W's output
-    axes, as a tied head's `attend` does).
+    axes, as a tied head's `attend` does). With `per_example` (a bank), A and B are gathered per example and carry
+    x's leading axis first, as a stack axis that x shares, and the scale is already in A.
     """
     (lc, rc), (lb, rb) = dims
     kc, kb, xc, xb = (rc, rb, lc, lb) if kernel_is_rhs else (lc, lb, rc, rb)
@@ -190,7 +199,7 @@ def _term(tag: Operand, x_ndim, w_ndim, dims, kernel_is_rhs, transposed, out_dty
         own.setdefault(tag.original_axis(d), next(letters))
     rank = next(letters)
     k, leaf = tag.depth, tag.leaf
-    stack = "".join(own[d] for d in range(k))
+    stack = (x_letters[0] if per_example else "") + "".join(own[d] for d in range(k))
     a_spec = stack + "".join(own[k + d] for d in leaf.layer_in_axes) + rank
     b_spec = stack + rank + "".join(own[k + d] for d in leaf.layer_out_axes)
     x_kept = [x_letters[i] for i in range(x_ndim) if i not in xc]
@@ -203,7 +212,7 @@ def _term(tag: Operand, x_ndim, w_ndim, dims, kernel_is_rhs, transposed, out_dty
     first, second = (f"{b_spec}", f"{a_spec}") if transposed else (f"{a_spec}", f"{b_spec}")
     return functools.partial(
         _two_einsums, down=f"{x_spec},{first}->{thin}", up=f"{thin},{second}->{out}", transposed=transposed,
-        scale=leaf.scale, out_dtype=out_dtype,
+        scale=1.0 if per_example else leaf.scale, out_dtype=out_dtype,
     )  # fmt: skip
 
 
@@ -211,6 +220,19 @@ def _two_einsums(x_lora, a, b, *, down, up, transposed, scale, out_dtype):
     first, second = (b, a) if transposed else (a, b)
     thin = scale * jnp.einsum(down, x_lora.astype(first.dtype), first)
     return jnp.einsum(up, thin, second).astype(out_dtype)
+
+
+def _bank_rows(tag: Operand, x: Any, x_contracted: tuple[int, ...]) -> tuple[Any, Any] | Refusal:
+    """A bank's A and B gathered for the examples along x's leading axis, or why they cannot be."""
+    n = tag.slots.shape[-1]
+    if tag.depth:
+        return Refusal(f"it reaches an operation with {tag.depth} of its stacked layer axes unsliced by a scan")
+    if jnp.ndim(x) < 1 or jnp.shape(x)[0] != n or 0 in tuple(x_contracted):
+        return Refusal(
+            f"it meets an input of shape {jnp.shape(x)}, whose leading axis is not the batch of {n} examples the "
+            "adapter indices name (a bank serves layers whose inputs keep the example axis first)"
+        )
+    return tag.example_rows(tag.a[tag.safe_slots], scaled=True), tag.example_rows(tag.b[tag.safe_slots])
 
 
 def _serve_quantized(eqn, x, tag: Operand, kernel_is_rhs, contracted):
@@ -233,7 +255,7 @@ def _serve_quantized(eqn, x, tag: Operand, kernel_is_rhs, contracted):
         w_ndim = table.ndim
     else:
         x = jnp.asarray(x, dtype)
-        if contracted == (0,) and (not adapted or not transposed):
+        if contracted == (0,) and (not adapted or not transposed) and not tag.banked:
             if not adapted:
                 return quantized_linear(x, x, q, None, None, None, 1.0)
             return quantized_linear(x, tag.adapter().drop(x), q, None, tag.a, tag.b, tag.leaf.scale)
@@ -241,6 +263,11 @@ def _serve_quantized(eqn, x, tag: Operand, kernel_is_rhs, contracted):
         w_ndim = 2
     if not adapted:
         return base
+    if tag.banked:
+        rows = _bank_rows(tag, x, dims[0][0] if kernel_is_rhs else dims[0][1])
+        if isinstance(rows, Refusal):
+            return rows
+        return base + _term(tag, x.ndim, w_ndim, dims, kernel_is_rhs, transposed, base.dtype, True)(x, *rows)
     term = _term(tag, x.ndim, w_ndim, dims, kernel_is_rhs, transposed, base.dtype)
     return base + term(tag.adapter().drop(x), tag.a, tag.b)
 
@@ -296,6 +323,8 @@ def serve_conv(eqn: Any, x: Any, w: Any, tag: Operand) -> Any:
     leaf = tag.leaf
     if not tag.adapted:
         return bind(eqn, x, dequantize(tag.quantized) if tag.quantized is not None else w)
+    if tag.banked:
+        return Refusal("it is a convolution's kernel; a bank serves products (dot_general) and embedding lookups")
     dn = params["dimension_numbers"]
     out_feature = dn.rhs_spec[0]
     if leaf.layer_out_axes != (out_feature,):
@@ -364,10 +393,27 @@ def serve_gather(eqn: Any, table: Any, indices: Any, tag: Operand) -> Any:
         )
     if tag.magnitude is not None:
         raise ValueError(_dora_refusal(tag.path, "an embedding lookup"))
+    if tag.banked:
+        return _banked_lookup(base, indices[..., 0], tag)
     a_rows = lax.gather_p.bind(
         tag.a, indices, dimension_numbers=dn, slice_sizes=(1, tag.a.shape[1]), **_gather_extras(params)
     )
     term = tag.leaf.scale * jnp.tensordot(a_rows, tag.b, axes=1)
+    return base + term.astype(base.dtype)
+
+
+def _banked_lookup(base: Any, ids: Any, tag: Operand) -> Any:
+    """An embedding lookup with each example's own adapter: s_i·A_i[ids] B_i, reading only the looked-up rows."""
+    n = tag.slots.shape[-1]
+    if ids.ndim < 1 or ids.shape[0] != n:
+        return Refusal(
+            f"it is looked up with indices of shape {ids.shape}, whose leading axis is not the batch of {n} examples "
+            "the adapter indices name (a bank serves layers whose inputs keep the example axis first)"
+        )
+    slots = tag.safe_slots.reshape((n,) + (1,) * (ids.ndim - 1))
+    a_rows = tag.example_rows(tag.a[slots, ids], scaled=True)  # (batch, ..., R)
+    b_rows = tag.example_rows(tag.b[tag.safe_slots])  # (batch, R, d)
+    term = lax.dot_general(a_rows, b_rows, (((a_rows.ndim - 1,), (1,)), ((0,), (0,))))
     return base + term.astype(base.dtype)
 
 

@@ -45,12 +45,18 @@ def leaf_rng(key: jax.Array | None, leaf: LeafPlan) -> jax.Array | None:
     return jax.random.split(key, leaf.num_layers).reshape(leaf.stack_shape)
 
 
+def frozen_tag(path: str, value: Any, fast: bool) -> Operand | None:
+    """The tag of a kernel without adapter: served if quantized, or (`fast`) if a float kernel; else None."""
+    quantized = value if is_quantized(value) else None
+    kernel = np.ndim(value) >= 2 and jnp.issubdtype(getattr(value, "dtype", np.float32), jnp.floating)
+    return Operand(quantized=quantized, path=path) if quantized is not None or (fast and kernel) else None
+
+
 def _tag(path: str, value: Any, plan: Plan, flat: Mapping, key: jax.Array | None, fast: bool) -> Operand | None:
     quantized = value if is_quantized(value) else None
     leaf = plan.leaves.get(path)
     if leaf is None:
-        kernel = np.ndim(value) >= 2 and jnp.issubdtype(getattr(value, "dtype", np.float32), jnp.floating)
-        return Operand(quantized=quantized, path=path) if quantized is not None or (fast and kernel) else None
+        return frozen_tag(path, value, fast)
     pair = flat[path]
     return Operand(
         a=pair["lora_a"],
@@ -86,12 +92,32 @@ def serve_call(
     `context()` is entered while the call is traced (registered layer kinds intercept their modules there), and
     `served_by_kinds()` then names the leaves those kinds served, which are left untagged.
     """
+    out, record = run_tagged(
+        call, params, args, kwargs, lambda path, value: _tag(path, value, plan, flat, key, fast), fast=fast,
+        context=context, served_by_kinds=served_by_kinds,
+    )  # fmt: skip
+    _report(record, plan, strict)
+    return out
+
+
+def run_tagged(
+    call: Callable[..., Any],
+    params: PyTree,
+    args: tuple,
+    kwargs: Mapping[str, Any],
+    tag: Callable[[str, Any], Operand | None],
+    *,
+    fast: bool,
+    context: Callable[[], Any] = contextlib.nullcontext,
+    served_by_kinds: Callable[[], set[str]] = set,
+) -> tuple[Any, Record]:
+    """`call(params, *args, **kwargs)` traced, then run with each parameter leaf tagged by `tag(path, value)`;
+    returns the output and the `Record` of what was served and merged."""
     with context():
         traced = trace(call, params, args, kwargs)
     by_kinds = served_by_kinds()
     tags = [
-        None if path in by_kinds else _tag(path, value, plan, flat, key, fast)
-        for path, value in zip(traced.paths, traced.params, strict=True)
+        None if path in by_kinds else tag(path, value) for path, value in zip(traced.paths, traced.params, strict=True)
     ]
     record = Record()
     for path in by_kinds:
@@ -104,8 +130,7 @@ def serve_call(
         record,
         Options(fast=fast),
     )
-    _report(record, plan, strict)
-    return traced.output(outs)
+    return traced.output(outs), record
 
 
 def _report(record: Record, plan: Plan, strict: bool) -> None:
