@@ -70,6 +70,7 @@ API_MODULES = {
     "jaxlora.models.gpt2": "GPT-2 in flax.linen with Hugging Face loading and KV-cache generation.",
     "jaxlora.models.llama": "Llama / Qwen2 in flax NNX, scanned or unrolled, with Hugging Face loading.",
     "jaxlora.models.decoding": "The decoding loop under both model families' generate: a prefill, then compiled steps.",
+    "jaxlora.models.kv_cache": "The KV cache both model families decode with: one length per row, rows refilled alone.",
 }
 
 

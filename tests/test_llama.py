@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from jaxlora.models import llama
+from jaxlora.models import kv_cache, llama
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -167,20 +167,48 @@ def test_greedy_generation_with_left_padding_and_eos_matches_transformers(checkp
 
 @pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
 def test_kv_cache_decoding_equals_full_recomputation(checkpoints, scan):
+    """Each cache row holds its own tokens from slot 0: a prefill of prompts of 3 and 6 tokens (row 0
+    right-padded), each row's length then set to its real tokens, then a token per step at each row's own offset,
+    gives every row the logits of the uncached model run on that row's tokens alone."""
     _, directory = checkpoints["qwen2-untied"]
     model = llama.load_hf_weights(directory, scan_layers=scan)
-    ids, mask = _ids((2, 14), seed=4), np.ones((2, 14), bool)
-    mask[0, :3] = False  # left padding in the prompt
-    full = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    ids, real = _ids((2, 14), seed=4), np.array([3, 6])
     cache = llama.init_cache(model.config, batch=2, max_length=16)
-    logits, cache = model.decode(jnp.asarray(ids[:, :6]), cache, attention_mask=jnp.asarray(mask[:, :6]))
-    steps = [np.asarray(logits)]
+    logits, cache = model.decode(jnp.asarray(ids[:, :6]), cache)
+    assert cache.lengths.tolist() == [6, 6]
+    cache = kv_cache.advance(cache, jnp.asarray(real - 6))  # row 0 forgets its padding, which it then overwrites
+    steps = [[np.asarray(logits[row, : real[row]])] for row in range(2)]
     decode = nnx.jit(lambda m, token, c: m.decode(token, c))
-    for t in range(6, 14):
-        logits, cache = decode(model, jnp.asarray(ids[:, t : t + 1]), cache)
-        steps.append(np.asarray(logits))
-    assert int(cache.index) == 14
-    np.testing.assert_allclose(np.concatenate(steps, axis=1)[mask], full[mask], atol=1e-5, rtol=0)
+    for t in range(8):
+        logits, cache = decode(model, jnp.asarray(ids[[0, 1], real + t][:, None]), cache)
+        for row in range(2):
+            steps[row].append(np.asarray(logits[row]))
+    assert cache.lengths.tolist() == [11, 14]
+    for row, n in enumerate((11, 14)):
+        full = np.asarray(model(jnp.asarray(ids[row : row + 1, :n])))[0]
+        np.testing.assert_allclose(np.concatenate(steps[row]), full, atol=1e-5, rtol=0, err_msg=f"row {row}")
+
+
+@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
+def test_left_padded_rows_decode_as_each_prompt_alone_without_a_cache(checkpoints, scan):
+    """generate of a left-padded batch of prompts of different lengths gives every row the greedy tokens of the
+    uncached model (its plain forward over a growing buffer, no KV cache) run on that prompt alone."""
+    _, directory = checkpoints["llama-untied-rope3"]
+    model = llama.load_hf_weights(directory, scan_layers=scan)
+    prompts = [_ids((n,), seed=10 + n) for n in (7, 1, 4)]
+    ids, mask = np.zeros((3, 7), np.int64), np.zeros((3, 7), np.int64)
+    for row, prompt in enumerate(prompts):
+        ids[row, 7 - len(prompt) :], mask[row, 7 - len(prompt) :] = prompt, 1
+    got = np.asarray(llama.generate(model, ids, 9, attention_mask=mask))
+    np.testing.assert_array_equal(got[:, :7], ids)  # the prompt as given, then the new tokens
+    forward = nnx.jit(lambda m, buffer: m(buffer))
+    for row, prompt in enumerate(prompts):
+        buffer = np.zeros((1, 16), np.int64)  # one shape for every prompt: causal, so the tail changes nothing
+        buffer[0, : len(prompt)] = prompt
+        for n in range(len(prompt), len(prompt) + 9):
+            buffer[0, n] = np.argmax(np.asarray(forward(model, jnp.asarray(buffer)))[0, n - 1])
+        np.testing.assert_array_equal(got[row, 7:], buffer[0, len(prompt) : len(prompt) + 9], err_msg=f"row {row}")
+    assert len(set(got[0, 7:].tolist())) > 2, "degenerate reference: pick other seeds"
 
 
 def test_sampling_filters_match_transformers_warpers():

@@ -5,6 +5,11 @@ A family supplies two functions, `prefill() -> (logits, state)` (the prompt run 
 last logits (greedy, or sampled with temperature, top-k and top-p), fills a row with `pad_token_id` once it has
 emitted a stop token, and returns the new tokens. :func:`prompt_batch` and :func:`check_settings` are the input
 checks both families' ``generate`` share, so that the same mistake gets the same message.
+
+Both families' caches are a :class:`jaxlora.models.kv_cache.KVCache`, whose rows hold their tokens from slot 0
+on: :func:`right_align` moves left-padded prompts there, and :func:`prefilled` turns the prefill of that block
+into what :func:`decode` continues from (each row's logits at its last real token, its length its real length),
+so each row decodes as it would alone.
 """
 
 from __future__ import annotations
@@ -16,9 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlora.models.kv_cache import KVCache
 from jaxlora.models.sampling import sample_token
 
-__all__ = ["check_settings", "decode", "prompt_batch", "stop_tokens", "traced_settings"]
+__all__ = ["check_settings", "decode", "prefilled", "prompt_batch", "right_align", "stop_tokens", "traced_settings"]
 
 
 def prompt_batch(input_ids: Any, attention_mask: Any = None) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -55,6 +61,58 @@ def prompt_batch(input_ids: Any, attention_mask: Any = None) -> tuple[np.ndarray
             "per row: pad batched prompts on the left (see jaxlora.models.gpt2.left_pad)."
         )
     return ids, mask, squeeze
+
+
+def right_align(ids: np.ndarray, mask: np.ndarray, fill: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded prompts with each row's real tokens moved to its start, as a KV cache holds them.
+
+    Args:
+      ids: (batch, length) token ids, left-padded (from :func:`prompt_batch`).
+      mask: (batch, length) bool, True on the real tokens (a trailing run per row).
+      fill: the id written after each row's real tokens (never attended to by the tokens before it; pick one in
+        the vocabulary, since an id outside it embeds as NaN).
+
+    Returns:
+      ``(ids, lengths)``: the (batch, length) right-padded ids and the int32 (batch,) real tokens per row.
+
+    Example:
+      >>> ids, lengths = right_align(np.array([[0, 0, 5], [6, 7, 8]]), np.array([[0, 0, 1], [1, 1, 1]], bool))
+      >>> ids.tolist(), lengths.tolist()
+      ([[5, 0, 0], [6, 7, 8]], [1, 3])
+    """
+    lengths = mask.sum(axis=1).astype(np.int32)
+    width = ids.shape[1]
+    slots = np.arange(width)[None]
+    source = (slots + (width - lengths)[:, None]) % width  # slot s of a row takes its token at s + padding
+    return np.where(slots < lengths[:, None], np.take_along_axis(ids, source, axis=1), fill), lengths
+
+
+def prefilled(logits: jax.Array, cache: KVCache, lengths: jax.Array) -> tuple[jax.Array, KVCache]:
+    """The prefill of right-aligned prompts as :func:`decode` continues from it.
+
+    The model ran the whole (batch, length) block into the cache, padding included; each row's first new token
+    comes from the logits at its last real token, and it holds only its real tokens, so its next token is written
+    over its padding.
+
+    Args:
+      logits: (batch, length, vocab) of the prefill.
+      cache: the cache after the prefill (every row's length moved on by ``length``).
+      lengths: int32 (batch,) real tokens per row (from :func:`right_align`).
+
+    Returns:
+      ``(logits, cache)``: (batch, 1, vocab) at each row's last real token, and the cache with ``lengths`` as its
+      rows' lengths.
+
+    Example:
+      >>> from jaxlora.models.kv_cache import init_cache
+      >>> logits = jnp.arange(6.0).reshape(2, 3, 1)
+      >>> last, cache = prefilled(logits, init_cache(1, 2, 4, 1, 1), jnp.array([1, 3]))
+      >>> last[:, 0, 0].tolist(), cache.lengths.tolist()
+      ([0.0, 5.0], [1, 3])
+    """
+    lengths = jnp.asarray(lengths, jnp.int32)
+    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)
+    return last, cache.replace(lengths=lengths)
 
 
 def check_settings(

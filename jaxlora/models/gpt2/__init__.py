@@ -25,13 +25,14 @@ The package is laid out as ``jaxlora.models.llama`` is: ``config``, ``cache``, `
     tokens = gpt2.generate(gpt2.GPT2(gpt2.GPT2Config.from_name("gpt2")), params, prompt_ids, max_new_tokens=32)
 """
 
-from jaxlora.models.gpt2.cache import KVCache, init_cache
+from jaxlora.models.gpt2.cache import init_cache
 from jaxlora.models.gpt2.config import PRESETS, GPT2Config
 from jaxlora.models.gpt2.generation import apply_model, generate, generate_greedy, left_pad
 from jaxlora.models.gpt2.hf_checkpoint import config_from_hf, load_hf_weights
 from jaxlora.models.gpt2.layout import stack_layers, unstack_layers
 from jaxlora.models.gpt2.model import GPT2, GPT2Classifier
 from jaxlora.models.gpt2.names import PEFT_NAME_MAP, PEFT_NAME_MAP_SCANNED, torch_module_name, torch_param_name
+from jaxlora.models.kv_cache import KVCache
 
 __all__ = [
     "GPT2",

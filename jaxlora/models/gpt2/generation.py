@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora.models import decoding
-from jaxlora.models.gpt2.cache import KVCache, init_cache
+from jaxlora.models.gpt2.cache import init_cache
 from jaxlora.models.gpt2.model import GPT2
+from jaxlora.models.kv_cache import KVCache
 
 Params = dict[str, Any]
 
@@ -69,8 +70,8 @@ def apply_model(model: GPT2, params: Params, input_ids: jax.Array, kv_cache: KVC
       >>> model = GPT2(GPT2Config(vocab_size=32, n_positions=8, n_embd=8, n_layer=1, n_head=2))
       >>> params = model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
       >>> logits, cache = apply_model(model, params, jnp.ones((1, 3), jnp.int32), init_cache(model.config, 1, 8))
-      >>> logits.shape, int(cache.index)
-      ((1, 3, 32), 3)
+      >>> logits.shape, cache.lengths.tolist()
+      ((1, 3, 32), [3])
     """
     return model.apply({"params": params}, input_ids, kv_cache=kv_cache)
 
@@ -128,8 +129,10 @@ def generate(
     (batch, prompt length, max_new_tokens, forward), whatever the tokens, adapters, key or sampling settings.
     Greedy (argmax) without `rng`; with `rng`, sampled by ``jaxlora.models.sample_token`` with a key folded per
     step, so the same key gives the same tokens. Rows of different prompt lengths are left-padded
-    (:func:`left_pad`): the padding is never attended to and each row's positions start at 0, so a row decodes as
-    it would alone. After a row emits one of `eos_token_id` it is filled with `pad_token_id`, as transformers does.
+    (:func:`left_pad`); inside, each row's real tokens are moved to the start of its row of the KV cache
+    (:class:`jaxlora.models.kv_cache.KVCache`, one length per row), so its positions start at 0, the padding is
+    never attended to, and a row decodes as it would alone. After a row emits one of `eos_token_id` it is filled
+    with `pad_token_id`, as transformers does.
 
     `forward(model, params, input_ids, kv_cache) -> (logits, new_cache)` runs the model; the default is the
     plain model. LoRA adapters, unmerged, or a mixed batch over an adapter bank::
@@ -186,10 +189,9 @@ def generate(
         tokens = jnp.zeros((ids.shape[0], 0), jnp.int32)
         logits = jnp.zeros((ids.shape[0], 0, model.config.vocab_size), jnp.float32)
     else:
-        start = ids.shape[1] - mask.sum(axis=1)
-        fed = np.where(mask, ids, 0)  # the padding is never attended to, but an id outside the vocabulary is NaN
+        aligned, lengths = decoding.right_align(ids, mask)  # fill 0: an id outside the vocabulary embeds as NaN
         tokens, logits = _decode(
-            model, forward, params, jnp.asarray(fed, jnp.int32), jnp.asarray(start, jnp.int32),
+            model, forward, params, jnp.asarray(aligned, jnp.int32), jnp.asarray(lengths),
             *decoding.traced_settings(rng, temperature, top_k, top_p, pad_token_id),
             max_new_tokens=int(max_new_tokens), greedy=rng is None, eos=decoding.stop_tokens(eos_token_id),
             cache_dtype=jnp.dtype(cache_dtype), return_logits=return_logits,
@@ -205,13 +207,14 @@ def generate(
     jax.jit,
     static_argnames=("model", "forward", "max_new_tokens", "greedy", "eos", "cache_dtype", "return_logits"),
 )
-def _decode(model, forward, params, ids, start, key, temperature, top_k, top_p, pad, *, max_new_tokens, greedy, eos,
+def _decode(model, forward, params, ids, lengths, key, temperature, top_k, top_p, pad, *, max_new_tokens, greedy, eos,
             cache_dtype, return_logits):  # fmt: skip
-    """The new tokens (batch, new) and, with `return_logits`, their logits."""
+    """The new tokens (batch, new) and, with `return_logits`, their logits, for right-aligned prompts `ids` of
+    `lengths` real tokens."""
     batch, length = ids.shape
-    cache = init_cache(model.config, batch, length + max_new_tokens, start, cache_dtype)
+    cache = init_cache(model.config, batch, length + max_new_tokens, cache_dtype)
     return decoding.decode(
-        lambda: forward(model, params, ids, cache),
+        lambda: decoding.prefilled(*forward(model, params, ids, cache), lengths),
         lambda cache, token: forward(model, params, token[:, None], cache),
         max_new_tokens=max_new_tokens, key=key, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p,
         eos=eos, pad_token_id=pad, return_logits=return_logits,

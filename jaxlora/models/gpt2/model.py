@@ -8,10 +8,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxlora.models import kv_cache as caching
 from jaxlora.models.attention import attention, masked_scores
-from jaxlora.models.gpt2.cache import KVCache, LayerCache, check_cache, positions_and_mask
+from jaxlora.models.gpt2.cache import check
 from jaxlora.models.gpt2.config import ACTIVATIONS, GPT2Config
+from jaxlora.models.kv_cache import KVCache
 from jaxlora.models.normalization import LayerNorm
+
+LayerCache = tuple[jax.Array, jax.Array, jax.Array]  # one block's (keys, values) and the rows' lengths
 
 
 def _dense(features: int, name: str, std: float) -> nn.Dense:
@@ -27,17 +31,16 @@ class CausalSelfAttention(nn.Module):
     def __call__(
         self, x: jax.Array, mask: jax.Array, deterministic: bool, layer_cache: LayerCache | None = None
     ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """The attention output; with `layer_cache` (keys, values, write index) also this layer's updated keys and
-        values: x's keys and values are written at the index and the queries attend to the whole cache."""
+        """The attention output; with `layer_cache` (keys, values, lengths) also this layer's updated keys and
+        values: x's keys and values are written at each row's length and the queries attend to the whole cache."""
         cfg = self.config
         batch, length, width = x.shape
         head_dim = width // cfg.n_head
         qkv = _dense(3 * width, "c_attn", cfg.initializer_range)(x)
         q, k, v = (t.reshape(batch, length, cfg.n_head, head_dim) for t in jnp.split(qkv, 3, axis=-1))
         if layer_cache is not None:
-            cached_k, cached_v, index = layer_cache
-            k = jax.lax.dynamic_update_slice_in_dim(cached_k, k.astype(cached_k.dtype), index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cached_v, v.astype(cached_v.dtype), index, axis=1)
+            cached_k, cached_v, lengths = layer_cache
+            k, v = caching.write(cached_k, k, lengths), caching.write(cached_v, v, lengths)
         if deterministic or cfg.dropout == 0.0:  # keeps no (query, key)-sized tensor for the backward pass
             out = attention(q, k, v, mask).reshape(batch, length, width)
         else:  # dropout on the attention weights
@@ -97,8 +100,8 @@ class _ScannedCachedBlock(Block):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array, index: jax.Array, keys: jax.Array, values: jax.Array):
-        return Block.__call__(self, x, mask, self.deterministic, (keys, values, index))
+    def __call__(self, x: jax.Array, mask: jax.Array, lengths: jax.Array, keys: jax.Array, values: jax.Array):
+        return Block.__call__(self, x, mask, self.deterministic, (keys, values, lengths))
 
 
 def _cached_blocks(
@@ -108,7 +111,9 @@ def _cached_blocks(
     if not cfg.scan_layers:
         keys, values = [], []
         for i in range(cfg.n_layer):
-            x, (k, v) = Block(cfg, name=f"h_{i}")(x, mask, deterministic, (cache.keys[i], cache.values[i], cache.index))
+            x, (k, v) = Block(cfg, name=f"h_{i}")(
+                x, mask, deterministic, (cache.keys[i], cache.values[i], cache.lengths)
+            )
             keys.append(k)
             values.append(v)
         return x, (jnp.stack(keys), jnp.stack(values))
@@ -119,7 +124,7 @@ def _cached_blocks(
         in_axes=(nn.broadcast, nn.broadcast, 0, 0),
         length=cfg.n_layer,
     )
-    return scanned(cfg, deterministic, name="h")(x, mask, cache.index, cache.keys, cache.values)
+    return scanned(cfg, deterministic, name="h")(x, mask, cache.lengths, cache.keys, cache.values)
 
 
 def _blocks(cfg: GPT2Config, x: jax.Array, mask: jax.Array, deterministic: bool) -> jax.Array:
@@ -166,9 +171,12 @@ def _transformer(
     wpe = nn.Embed(cfg.n_positions, cfg.n_embd, embedding_init=embed_init, name="wpe")
     if kv_cache is not None:
         if attention_mask is not None:
-            raise ValueError("With kv_cache, padding is the cache's `start` (see init_cache); drop attention_mask.")
-        check_cache(cfg, kv_cache, input_ids.shape)
-        positions, mask = positions_and_mask(kv_cache, length)
+            raise ValueError(
+                "With kv_cache, each row attends to the tokens its cache holds (kv_cache.lengths), so there is no "
+                "padding to mask: drop attention_mask (generate right-aligns left-padded prompts itself)."
+            )
+        check(cfg, kv_cache, input_ids.shape)
+        positions, mask = caching.positions(kv_cache, length), caching.attention_mask(kv_cache, length)
     else:
         positions, mask = jnp.arange(length)[None], _attention_mask(length, attention_mask)
     x = wte(input_ids) + wpe(positions)
@@ -177,7 +185,7 @@ def _transformer(
         x, new_cache = _blocks(cfg, x, mask, deterministic), None
     else:
         x, (keys, values) = _cached_blocks(cfg, x, mask, deterministic, kv_cache)
-        new_cache = KVCache(keys, values, kv_cache.index + length, kv_cache.start)
+        new_cache = caching.advance(kv_cache.replace(keys=keys, values=values), length)
     return LayerNorm(cfg.layer_norm_epsilon, name="ln_f")(x), wte, new_cache
 
 
@@ -200,9 +208,10 @@ class GPT2(nn.Module):
         ``return_hidden=True`` returns the final hidden states (batch, length, n_embd) instead, e.g. to score
         only a subset of the vocabulary against ``params["wte"]["embedding"]``.
 
-        With ``kv_cache`` (from :func:`init_cache`) the tokens are the next ``length`` positions of each row: their
-        keys and values are written into the cache at ``kv_cache.index``, they attend to everything cached before
-        them (left padding hidden by ``kv_cache.start``), and the call returns ``(logits, new_cache)``.
+        With ``kv_cache`` (a :class:`jaxlora.models.kv_cache.KVCache` from :func:`init_cache`) the tokens are the
+        next ``length`` tokens of each row: row ``b``'s go at positions (and cache slots) ``kv_cache.lengths[b]``
+        onwards, they attend to the row's cached tokens and to each other causally, and the call returns
+        ``(logits, new_cache)`` with every row's length moved on by ``length``.
         """
         hidden, wte, new_cache = _transformer(self.config, input_ids, attention_mask, deterministic, kv_cache)
         out = hidden if return_hidden else wte.attend(hidden)

@@ -8,7 +8,8 @@ with :func:`peft_name_map`::
     tokens = llama.generate(model, prompt_ids, max_new_tokens=32)
 """
 
-from jaxlora.models.llama.cache import KVCache, init_cache
+from jaxlora.models.kv_cache import KVCache
+from jaxlora.models.llama.cache import init_cache
 from jaxlora.models.llama.config import LlamaConfig
 from jaxlora.models.llama.generation import generate
 from jaxlora.models.llama.hf_checkpoint import config_from_hf, load_hf_weights, save_hf_weights

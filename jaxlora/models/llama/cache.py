@@ -1,39 +1,43 @@
-"""The key/value cache of incremental decoding: every layer's keys and values, and which slots hold real tokens."""
+"""Llama's KV cache: the shared :class:`jaxlora.models.kv_cache.KVCache`, shaped from a :class:`LlamaConfig`."""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
-import jax
 import jax.numpy as jnp
 
+from jaxlora.models import kv_cache
+from jaxlora.models.kv_cache import KVCache
 from jaxlora.models.llama.config import LlamaConfig
 
 
-class KVCache(NamedTuple):
-    """Keys and values of every layer in a fixed buffer of ``max_length`` slots, and which slots are real tokens.
-
-    ``keys``/``values``: (layers, batch, max_length, kv_heads, head_dim); ``valid``: (batch, max_length) bool,
-    False for unwritten and padding slots; ``index``: () int32, the number of slots written so far. Rotary
-    positions are slot indices: attention only sees position differences, so left padding needs no offsets.
-    """
-
-    keys: jax.Array
-    values: jax.Array
-    valid: jax.Array
-    index: jax.Array
-
-
 def init_cache(config: LlamaConfig, batch: int, max_length: int, dtype: Any = jnp.float32) -> KVCache:
-    """An empty :class:`KVCache` for `batch` rows of up to `max_length` tokens (prompt plus generated).
+    """An empty KV cache for `batch` rows of at most `max_length` tokens each (prompt and generated).
+
+    Args:
+      config: the model's config (num_hidden_layers, num_key_value_heads, head_dim).
+      batch: rows.
+      max_length: slots per row.
+      dtype: of the keys and values.
+
+    Returns:
+      The cache, every row empty; pass it to ``Llama.decode``.
 
     Example:
-        >>> cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-        ...                   num_attention_heads=4, num_key_value_heads=2)
-        >>> init_cache(cfg, batch=3, max_length=10).keys.shape
-        (2, 3, 10, 2, 4)
+      >>> cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+      ...                   num_attention_heads=4, num_key_value_heads=2)
+      >>> cache = init_cache(cfg, batch=3, max_length=10)
+      >>> cache.keys.shape, cache.lengths.tolist()
+      ((2, 3, 10, 2, 4), [0, 0, 0])
     """
-    shape = (config.num_hidden_layers, batch, max_length, config.num_key_value_heads, config.head_dim)
-    return KVCache(
-        jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, max_length), bool), jnp.array(0, jnp.int32)
+    return kv_cache.init_cache(
+        config.num_hidden_layers, batch, max_length, config.num_key_value_heads, config.head_dim, dtype
+    )
+
+
+def check(config: LlamaConfig, cache: Any, ids_shape: tuple[int, int]) -> None:
+    """Refuses a cache that does not fit the model or `ids_shape` (batch, new tokens), naming the fix."""
+    batch, length = ids_shape
+    kv_cache.check_cache(
+        cache, batch, length, config.num_hidden_layers, config.num_key_value_heads, config.head_dim, where="cache"
     )

@@ -29,11 +29,12 @@ def generate(
 ) -> jax.Array:
     """The prompts followed by `max_new_tokens` generated tokens, shape (batch, length + max_new_tokens).
 
-    The prompt is run once into a KV cache (see ``Llama.decode``), then one token per step inside a ``lax.scan``
-    (:func:`jaxlora.models.decoding.decode`, the loop GPT-2's ``generate`` uses too). Greedy (argmax) without
-    `rng`; with `rng`, sampled from softmax(logits / temperature), optionally restricted to the `top_k` most likely
-    tokens and to the smallest set whose probability reaches `top_p`, with a key folded per step. After a row emits
-    one of `eos_token_id` it is filled with `pad_token_id`, as transformers does.
+    The prompt is run once into a KV cache (see ``Llama.decode``; each row's real tokens moved to the start of its
+    cache row, so its rotary positions start at 0 and it decodes as it would alone), then one token per step inside
+    a ``lax.scan`` (:func:`jaxlora.models.decoding.decode`, the loop GPT-2's ``generate`` uses too). Greedy
+    (argmax) without `rng`; with `rng`, sampled from softmax(logits / temperature), optionally restricted to the
+    `top_k` most likely tokens and to the smallest set whose probability reaches `top_p`, with a key folded per
+    step. After a row emits one of `eos_token_id` it is filled with `pad_token_id`, as transformers does.
 
     Args:
         model: a :class:`Llama` (either layout, any dtype).
@@ -64,16 +65,19 @@ def generate(
     if max_new_tokens == 0:
         return jnp.asarray(ids[0] if squeeze else ids, jnp.int32)
     graphdef, state = nnx.split(model)
-    out = _generate(
-        graphdef, state, jnp.asarray(ids, jnp.int32), jnp.asarray(mask),
+    aligned, lengths = decoding.right_align(ids, mask)
+    tokens = _generate(
+        graphdef, state, jnp.asarray(aligned, jnp.int32), jnp.asarray(lengths),
         *decoding.traced_settings(rng, temperature, top_k, top_p, pad_token_id),
         max_new_tokens=max_new_tokens, greedy=rng is None, eos=decoding.stop_tokens(eos_token_id),
     )  # fmt: skip
+    out = jnp.concatenate([jnp.asarray(ids, jnp.int32), tokens], axis=1)
     return out[0] if squeeze else out
 
 
 @partial(jax.jit, static_argnums=(0,), static_argnames=("max_new_tokens", "greedy", "eos"))
-def _generate(graphdef, state, ids, mask, key, temperature, top_k, top_p, pad, *, max_new_tokens, greedy, eos):
+def _generate(graphdef, state, ids, lengths, key, temperature, top_k, top_p, pad, *, max_new_tokens, greedy, eos):
+    """The new tokens (batch, max_new_tokens) for right-aligned prompts `ids` of `lengths` real tokens."""
     model = nnx.merge(graphdef, state)
     batch, length = ids.shape
     cache = init_cache(model.config, batch, length + max_new_tokens, model.dtype)
@@ -82,7 +86,7 @@ def _generate(graphdef, state, ids, mask, key, temperature, top_k, top_p, pad, *
         return nnx.merge(graphdef, state, copy=True).decode(token[:, None], cache)
 
     tokens, _ = decoding.decode(
-        lambda: model.decode(ids, cache, mask), step, max_new_tokens=max_new_tokens, key=key, greedy=greedy,
-        temperature=temperature, top_k=top_k, top_p=top_p, eos=eos, pad_token_id=pad,
+        lambda: decoding.prefilled(*model.decode(ids, cache), lengths), step, max_new_tokens=max_new_tokens,
+        key=key, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p, eos=eos, pad_token_id=pad,
     )  # fmt: skip
-    return jnp.concatenate([ids, tokens], axis=1)
+    return tokens

@@ -25,8 +25,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlora.models import kv_cache as caching
 from jaxlora.models.attention import attention
-from jaxlora.models.llama.cache import KVCache
+from jaxlora.models.kv_cache import KVCache
+from jaxlora.models.llama.cache import check
 from jaxlora.models.llama.config import LlamaConfig
 from jaxlora.models.llama.rope import apply_rotary, rotary_tables
 from jaxlora.models.normalization import rms_norm
@@ -64,18 +66,18 @@ class Attention(nnx.Module):
         self.o_proj = _linear(heads * d, width, config.o_bias, config, dtype, rngs)
         self.shape = (heads, kv_heads, d)
 
-    def __call__(self, x, cos, sin, mask, kv, index):
-        """Output (b, t, hidden) and, with a layer cache ``kv = (keys, values)``, that cache with x's k/v written."""
+    def __call__(self, x, cos, sin, mask, kv, lengths):
+        """Output (b, t, hidden) and, with a layer cache ``kv = (keys, values)``, that cache with x's k/v written at
+        each row's length; `mask` is (b, 1, t, keys)."""
         b, t, _ = x.shape
         heads, kv_heads, d = self.shape
         q = apply_rotary(self.q_proj(x).reshape(b, t, heads, d), cos, sin)
         k = apply_rotary(self.k_proj(x).reshape(b, t, kv_heads, d), cos, sin)
         v = self.v_proj(x).reshape(b, t, kv_heads, d)
         if kv is not None:
-            keys = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1)
-            values = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
-            k, v, kv = keys, values, (keys, values)
-        out = attention(q, k, v, mask[:, None])  # grouped-query; the backward pass keeps only the weights
+            k, v = caching.write(kv[0], k, lengths), caching.write(kv[1], v, lengths)
+            kv = (k, v)
+        out = attention(q, k, v, mask)  # grouped-query; the backward pass keeps only the weights
         return self.o_proj(out.reshape(b, t, heads * d)), kv
 
 
@@ -101,8 +103,8 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = MLP(config, dtype, rngs)
 
-    def __call__(self, x, cos, sin, mask, kv, index):
-        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index)
+    def __call__(self, x, cos, sin, mask, kv, lengths):
+        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, lengths)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), kv
 
@@ -119,8 +121,8 @@ def _stacked_layers(config: LlamaConfig, dtype: Any, rngs: nnx.Rngs) -> DecoderL
 
 
 @nnx.scan(in_axes=(0, nnx.Carry, None, None, None, 0, None), out_axes=(nnx.Carry, 0))
-def _scan_layers(layer, x, cos, sin, mask, kv, index):
-    return layer(x, cos, sin, mask, kv, index)
+def _scan_layers(layer, x, cos, sin, mask, kv, lengths):
+    return layer(x, cos, sin, mask, kv, lengths)
 
 
 class Llama(nnx.Module):
@@ -168,39 +170,47 @@ class Llama(nnx.Module):
         input_ids = _check_ids(input_ids)
         b, t = input_ids.shape
         keys_valid = jnp.ones((b, t), bool) if attention_mask is None else jnp.asarray(attention_mask, bool)
-        mask = jnp.tril(jnp.ones((t, t), bool))[None] & keys_valid[:, None, :]
-        logits, _ = self._run(input_ids, jnp.arange(t)[None].repeat(b, 0), mask, None, jnp.array(0, jnp.int32))
+        mask = (jnp.tril(jnp.ones((t, t), bool))[None] & keys_valid[:, None, :])[:, None]
+        logits, _ = self._run(input_ids, jnp.arange(t)[None].repeat(b, 0), mask, None, None)
         return logits
 
-    def decode(
-        self, input_ids: jax.Array, cache: KVCache, attention_mask: jax.Array | None = None
-    ) -> tuple[jax.Array, KVCache]:
-        """Logits of `input_ids` (batch, t) appended at the cache's next slots, and the updated cache.
+    def decode(self, input_ids: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Logits of `input_ids` (batch, t) appended to each row of the cache, and the updated cache.
 
-        Feed the prompt first (``attention_mask`` 0 marks left padding), then one token at a time.
-        Raises ValueError when the tokens would not fit in the cache.
+        Row ``b``'s tokens go at positions (and cache slots) ``cache.lengths[b]`` onwards
+        (:class:`jaxlora.models.kv_cache.KVCache`): they attend to the row's cached tokens and to each other
+        causally, with row-local rotary positions. Feed a prompt first, then one token at a time; prompts of
+        different lengths go right-padded, then :func:`jaxlora.models.decoding.prefilled` sets each row's length
+        to its real tokens (``generate`` does this for left-padded prompts).
+
+        Args:
+            input_ids: (batch, t) integer tokens.
+            cache: a cache from :func:`jaxlora.models.llama.init_cache` with `batch` rows.
+
+        Returns:
+            ``(logits, cache)``: (batch, t, vocab), and the cache with the tokens written and every row's length
+            moved on by t.
+
+        Raises:
+            ValueError: a cache of other shapes, or t larger than its max_length (that ``lengths + t`` fits is the
+                caller's to keep: it cannot be checked under jit).
         """
         input_ids = _check_ids(input_ids)
-        b, t = input_ids.shape
-        slots = cache.keys.shape[2]
-        new_valid = jnp.ones((b, t), bool) if attention_mask is None else jnp.asarray(attention_mask, bool)
-        valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, new_valid, cache.index, axis=1)
-        positions = cache.index + jnp.arange(t)
-        mask = valid[:, None, :] & (jnp.arange(slots)[None, None, :] <= positions[None, :, None])
-        logits, (keys, values) = self._run(
-            input_ids, positions[None].repeat(b, 0), mask, (cache.keys, cache.values), cache.index
-        )
-        return logits, KVCache(keys, values, valid, cache.index + t)
+        t = input_ids.shape[1]
+        check(self.config, cache, input_ids.shape)
+        positions, mask = caching.positions(cache, t), caching.attention_mask(cache, t)
+        logits, (keys, values) = self._run(input_ids, positions, mask, (cache.keys, cache.values), cache.lengths)
+        return logits, caching.advance(cache.replace(keys=keys, values=values), t)
 
-    def _run(self, input_ids, positions, mask, kv, index):
+    def _run(self, input_ids, positions, mask, kv, lengths):
         x = self.embed_tokens(input_ids)
         cos, sin = rotary_tables(self.config, positions)
         if self.scan_layers:
-            x, kv = _scan_layers(self.layers, x, cos, sin, mask, kv, index)
+            x, kv = _scan_layers(self.layers, x, cos, sin, mask, kv, lengths)
         else:
             new_kv = []
             for i, layer in enumerate(self.layers):
-                x, layer_kv = layer(x, cos, sin, mask, None if kv is None else (kv[0][i], kv[1][i]), index)
+                x, layer_kv = layer(x, cos, sin, mask, None if kv is None else (kv[0][i], kv[1][i]), lengths)
                 new_kv.append(layer_kv)
             kv = None if kv is None else tuple(jnp.stack(parts) for parts in zip(*new_kv, strict=True))
         x = self.norm(x)
