@@ -71,6 +71,7 @@ API_MODULES = {
     "jaxlora.models.llama": "Llama / Qwen2 in flax NNX, scanned or unrolled, with Hugging Face loading.",
     "jaxlora.models.decoding": "The decoding loop under both model families' generate: a prefill, then compiled steps.",
     "jaxlora.models.kv_cache": "The KV cache both model families decode with: one length per row, rows refilled alone.",
+    "jaxlora.models.continuous_batching": "Continuous batching: requests over time, each on its adapter.",
 }
 
 

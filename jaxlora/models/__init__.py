@@ -1,8 +1,8 @@
 """Reference models: GPT-2 in plain flax.linen (jaxlora's factored LoRA path applies), Llama/Qwen2 in flax NNX.
 
 Both families share what they do alike: attention with a lean backward pass (grouped-query included), norms with
-lean backward passes, sampling, one KV cache with a length per row (``jaxlora.models.kv_cache``) and one decoding
-loop (``jaxlora.models.decoding``)."""
+lean backward passes, sampling, one KV cache with a length per row (``jaxlora.models.kv_cache``), one decoding
+loop (``jaxlora.models.decoding``) and continuous batching over it (``jaxlora.models.continuous_batching``)."""
 
 from jaxlora.models import llama
 from jaxlora.models.gpt2 import (
