@@ -7,6 +7,10 @@ operations (`jaxlora.plan(..., model=, example=)`):
 - a plain call before and after a jaxlora call is the base, bit for bit;
 - a second call with other adapters counts them once (it equals its own merged reference);
 - 3 optax steps on the adapters lower a loss, with the base bit-identical afterwards.
+
+`check_bank(model, params, example, configs, slots)` asserts that a mixed batch over an adapter bank of adapters
+planned the same way (`jaxlora.apply_bank` / `apply_bank_nnx`) gives each row what the plain model gives that row
+alone on weights merged by the same formula with the row's adapter (the base weights for -1).
 """
 
 from __future__ import annotations
@@ -126,3 +130,31 @@ def check_drop_in(model, params, example, config, *, seed=0, steps=3):
     assert final < losses[0], (losses, final)
     jax.tree.map(np.testing.assert_array_equal, frozen_bits, jax.tree.map(np.array, params))
     return plan
+
+
+def check_bank(model, params, example, configs, slots, *, seed=0):
+    """Asserts the bank contract in the module docstring; returns the bank."""
+    example = example if isinstance(example, tuple) else (example,)
+    entries = []
+    for i, config in enumerate(configs):
+        plan = jaxlora.plan(params, config, model=model, example=example)
+        entries.append((_randomized(jaxlora.init(jax.random.key(seed + i), params, plan)[1], seed + 10 + i), plan))
+    bank = jaxlora.adapter_bank(entries)
+    plain, _ = runners(model, params)
+    if isinstance(model, nnx.Module):
+        graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+        module = nnx.merge(graphdef, params, rest)
+        mixed = jax.jit(lambda bank, ids, *args: jaxlora.apply_bank_nnx(module, bank, ids, *args))
+    else:
+        mixed = jax.jit(lambda bank, ids, *args: jaxlora.apply_bank(model, {"params": params}, bank, ids, *args))
+    first = lambda out: jax.tree.leaves(out)[0]  # the logits of a model returning more
+    got, base = first(mixed(bank, bank.ids(slots), *example)), first(plain(params, *example))
+    for row, slot in enumerate(slots):
+        alone = tuple(None if a is None else a[row : row + 1] for a in example)
+        merged = params if slot == -1 else formula_merge(params, *entries[slot])
+        want = first(plain(merged, *alone))
+        if slot == -1:
+            np.testing.assert_allclose(got[row], want[0], atol=1e-6, rtol=0, err_msg=f"row {row} (the base)")
+        else:
+            _close(got[row : row + 1], want, base[row : row + 1], f"row {row} (slot {slot})")
+    return bank

@@ -150,10 +150,10 @@ def _checked_entry(adapters: Mapping, plan: Plan, bank_plan: Plan, what: str) ->
                 f"{what}: the adapters adapt {path!r}, which the bank has no slot for (it adapts "
                 f"{sorted(bank_plan.leaves)}); build a new bank with jaxlora.adapter_bank including these adapters"
             )
-        if (leaf.fan_in_ndim, leaf.stacked_axes) != (room.fan_in_ndim, room.stacked_axes) or leaf.rank > room.rank:
+        if (leaf.layer_in_axes, leaf.stacked_axes) != (room.layer_in_axes, room.stacked_axes) or leaf.rank > room.rank:
             raise ValueError(
-                f"{what}: the adapter of {path!r} has rank {leaf.rank} (fan_in_ndim {leaf.fan_in_ndim}, stacked_axes "
-                f"{leaf.stacked_axes}) but the bank holds rank <= {room.rank} (fan_in_ndim {room.fan_in_ndim}, "
+                f"{what}: the adapter of {path!r} has rank {leaf.rank} (input axes {leaf.layer_in_axes}, stacked_axes "
+                f"{leaf.stacked_axes}) but the bank holds rank <= {room.rank} (input axes {room.layer_in_axes}, "
                 f"stacked_axes {room.stacked_axes}) there; build a new bank with jaxlora.adapter_bank"
             )
     return flat
@@ -188,7 +188,7 @@ def adapter_bank(entries: Sequence[Entry] | Mapping[str, Entry], names: Sequence
 
     Raises:
       ValueError: for no entries, names that do not match the entries in number or repeat, sets planned over
-        different bases, DoRA adapters, or sets viewing a kernel differently (fan_in_ndim, stacked_axes).
+        different bases, DoRA adapters, or sets viewing a kernel differently (input axes, stacked_axes).
 
     Example:
       >>> import flax.linen as nn, jax, jax.numpy as jnp, jaxlora
@@ -220,11 +220,11 @@ def adapter_bank(entries: Sequence[Entry] | Mapping[str, Entry], names: Sequence
     for plan in plans:
         for path, leaf in plan.leaves.items():
             seen = leaves.setdefault(path, leaf)
-            if (seen.fan_in_ndim, seen.stacked_axes) != (leaf.fan_in_ndim, leaf.stacked_axes):
+            if (seen.layer_in_axes, seen.stacked_axes) != (leaf.layer_in_axes, leaf.stacked_axes):
                 raise ValueError(
-                    f"adapter_bank: the sets view {path!r} differently (fan_in_ndim, stacked_axes) "
-                    f"{(seen.fan_in_ndim, seen.stacked_axes)} vs {(leaf.fan_in_ndim, leaf.stacked_axes)}; plan "
-                    "them with the same fan_in_ndim and stacked_axes"
+                    f"adapter_bank: the sets view {path!r} differently (input axes, stacked_axes) "
+                    f"{(seen.layer_in_axes, seen.stacked_axes)} vs {(leaf.layer_in_axes, leaf.stacked_axes)}; plan "
+                    "them with the same in_axes (or fan_in_ndim) and stacked_axes"
                 )
             ranks[path] = max(ranks.get(path, 0), leaf.rank)
     bank_plan = derived_plan(

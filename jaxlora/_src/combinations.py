@@ -88,11 +88,11 @@ def _paths(plans: Sequence[Plan], targets: Targets, what: str) -> list[str]:
     order = [p for plan in plans for p in plan.leaves]
     paths = sorted(chosen, key=order.index)
     for path in paths:
-        layouts = {(p.leaves[path].fan_in_ndim, p.leaves[path].stacked_axes) for p in plans if path in p.leaves}
+        layouts = {(p.leaves[path].layer_in_axes, p.leaves[path].stacked_axes) for p in plans if path in p.leaves}
         if len(layouts) > 1:
             raise ValueError(
-                f"{what}: the adapters of {path!r} view its kernel differently (fan_in_ndim, stacked_axes) = "
-                f"{sorted(layouts)}; plan them with the same fan_in_ndim and stacked_axes"
+                f"{what}: the adapters of {path!r} view its kernel differently (input axes, stacked_axes) = "
+                f"{sorted(layouts)}; plan them with the same in_axes (or fan_in_ndim) and stacked_axes"
             )
     return paths
 

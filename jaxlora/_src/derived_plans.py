@@ -1,7 +1,7 @@
 """Plans for adapters jaxlora builds itself (combinations, banks): one exact pattern per adapted path.
 
 A derived plan is an ordinary `Plan`, resolved against the same base as the plans it comes from, with a config
-that names each adapted path literally (its rank, alpha, fan_in_ndim, stacked_axes and layers spelled out), so
+that names each adapted path literally (its rank, alpha, input axes, stacked_axes and layers spelled out), so
 it saves, loads, merges and serves like any other plan.
 """
 
@@ -66,7 +66,7 @@ def derived_plan(
     alphas: Mapping[str, float],
     layers: Mapping[str, tuple[int, ...] | None] | None = None,
 ) -> Plan:
-    """A plan over `base`'s params adapting exactly `leaves` (their fan_in_ndim and stack), with new ranks and alphas.
+    """A plan over `base`'s params adapting exactly `leaves` (their input axes and stack), with new ranks and alphas.
 
     `use_rslora` is off, so each leaf's scale is alpha / rank; `layers` overrides `layers_to_transform`.
     """
@@ -79,7 +79,8 @@ def derived_plan(
         targets=tuple(exact.values()),
         rank_pattern={exact[p]: int(ranks[p]) for p in leaves},
         alpha_pattern={exact[p]: float(alphas[p]) for p in leaves},
-        fan_in_ndim={exact[p]: leaf.fan_in_ndim for p, leaf in leaves.items()},
+        fan_in_ndim={exact[p]: leaf.fan_in_ndim for p, leaf in leaves.items() if leaf.in_axes is None},
+        in_axes={exact[p]: leaf.in_axes for p, leaf in leaves.items() if leaf.in_axes is not None},
         stacked_axes={exact[p]: leaf.stacked_axes for p, leaf in leaves.items() if leaf.stacked_axes},
         layers_to_transform={exact[p]: sel for p, sel in selected.items() if sel is not None},
     )

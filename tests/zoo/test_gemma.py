@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import pytest
-from drop_in import check_drop_in
+from drop_in import check_bank, check_drop_in
 from gemma import gm
 
 import jaxlora
@@ -56,3 +56,17 @@ def test_gemma3_attention_and_mlp_einsums_are_drop_in():
     assert len(plan.leaves) == 10
     for path, shapes in want.items():
         assert (plan.leaves[path].a_shape, plan.leaves[path].b_shape) == shapes, path
+
+
+def test_gemma3_serves_a_mixed_adapter_batch():
+    """An adapter bank over gemma's linen Gemma3 (nn.jit, einsum layouts read from the operations): each row
+    equals that row alone with its adapter merged, the base row the base."""
+    model = tiny_gemma3()
+    tokens = jax.random.randint(jax.random.key(0), (3, 6), 0, VOCAB)
+    params = model.init(jax.random.key(1), tokens)["params"]
+    attention = r".*/attn/(q_einsum|kv_einsum|attn_vec_einsum)/w"
+    configs = [
+        jaxlora.LoraConfig(rank=2, alpha=4.0, targets=(attention, r".*/mlp/(gating_einsum|linear)")),
+        jaxlora.LoraConfig(rank=3, alpha=3.0, targets=(attention,)),
+    ]
+    check_bank(model, params, tokens, configs, [0, -1, 1])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import pytest
-from drop_in import check_drop_in, runners
+from drop_in import check_bank, check_drop_in, runners
 from flax import nnx
 from tunix.models.gemma3 import model as gemma3
 from tunix.models.llama3 import model as llama3
@@ -73,10 +73,10 @@ MODELS = {  # name: (constructor, the targets a user writes, expected (A, B) sha
 }
 
 
-def _example():
-    tokens = jax.random.randint(jax.random.key(0), (B, L), 0, VOCAB)
-    positions = jnp.broadcast_to(jnp.arange(L), (B, L))
-    mask = jnp.broadcast_to(jnp.tril(jnp.ones((L, L), bool)), (B, L, L))
+def _example(batch=B):
+    tokens = jax.random.randint(jax.random.key(0), (batch, L), 0, VOCAB)
+    positions = jnp.broadcast_to(jnp.arange(L), (batch, L))
+    mask = jnp.broadcast_to(jnp.tril(jnp.ones((L, L), bool)), (batch, L, L))
     return tokens, positions, None, mask
 
 
@@ -93,3 +93,17 @@ def test_tunix_model_is_drop_in(name, remat):
     assert len(plan.leaves) == count, sorted(plan.leaves)
     for path, want in shapes.items():
         assert (plan.leaves[path].a_shape, plan.leaves[path].b_shape) == want, path
+
+
+@pytest.mark.parametrize(("name", "remat"), [("qwen3", "DECODER"), ("gemma3", "BLOCK")])
+def test_tunix_model_serves_a_mixed_adapter_batch(name, remat):
+    """An adapter bank over tunix's model (its einsum layouts read from the operations, rematerialised): each row
+    equals that row alone with its adapter merged, the base row the base."""
+    make, targets, _, _ = MODELS[name]
+    model = make(remat)
+    params = nnx.state(model, nnx.Param)
+    configs = [
+        jaxlora.LoraConfig(rank=2, alpha=4.0, targets=targets),
+        jaxlora.LoraConfig(rank=3, alpha=3.0, targets=targets[:1]),
+    ]
+    check_bank(model, params, _example(3), configs, [1, -1, 0])
