@@ -174,11 +174,11 @@ def test_kv_cache_decoding_equals_full_recomputation(checkpoints, scan):
     model = llama.load_hf_weights(directory, scan_layers=scan)
     ids, real = _ids((2, 14), seed=4), np.array([3, 6])
     cache = llama.init_cache(model.config, batch=2, max_length=16)
-    logits, cache = model.decode(jnp.asarray(ids[:, :6]), cache)
+    logits, cache = model(jnp.asarray(ids[:, :6]), kv_cache=cache)
     assert cache.lengths.tolist() == [6, 6]
     cache = kv_cache.advance(cache, jnp.asarray(real - 6))  # row 0 forgets its padding, which it then overwrites
     steps = [[np.asarray(logits[row, : real[row]])] for row in range(2)]
-    decode = nnx.jit(lambda m, token, c: m.decode(token, c))
+    decode = nnx.jit(lambda m, token, c: m.decode(token, c))  # the alias of m(token, kv_cache=c)
     for t in range(8):
         logits, cache = decode(model, jnp.asarray(ids[[0, 1], real + t][:, None]), cache)
         for row in range(2):

@@ -6,12 +6,15 @@ with :func:`peft_name_map`::
     from jaxlora.models import llama
     model = llama.load_hf_weights("path/or/repo-id", scan_layers=False)
     tokens = llama.generate(model, prompt_ids, max_new_tokens=32)
+
+``generate(..., forward=, state=)`` decodes through ``jaxlora.apply_nnx`` (adapters unmerged) or
+``jaxlora.apply_bank_nnx`` (a different adapter per row): the model's call takes the KV cache as ``kv_cache=``.
 """
 
 from jaxlora.models.kv_cache import KVCache
 from jaxlora.models.llama.cache import init_cache
 from jaxlora.models.llama.config import LlamaConfig
-from jaxlora.models.llama.generation import generate
+from jaxlora.models.llama.generation import call_model, generate
 from jaxlora.models.llama.hf_checkpoint import config_from_hf, load_hf_weights, save_hf_weights
 from jaxlora.models.llama.layout import convert_layout, stack_layers, unstack_layers
 from jaxlora.models.llama.model import Llama
@@ -31,6 +34,7 @@ __all__ = [
     "KVCache",
     "Llama",
     "LlamaConfig",
+    "call_model",
     "config_from_hf",
     "convert_layout",
     "filter_logits",

@@ -21,7 +21,7 @@ def init_cache(config: LlamaConfig, batch: int, max_length: int, dtype: Any = jn
       dtype: of the keys and values.
 
     Returns:
-      The cache, every row empty; pass it to ``Llama.decode``.
+      The cache, every row empty; pass it to the model as ``kv_cache=``.
 
     Example:
       >>> cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,

@@ -162,45 +162,63 @@ class Llama(nnx.Module):
     def dtype(self) -> Any:
         return self.embed_tokens.embedding.dtype
 
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
-        """Next-token logits (batch, length, vocab) for `input_ids` (batch, length).
+    def __call__(
+        self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *, kv_cache: KVCache | None = None
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
+        """Next-token logits (batch, length, vocab) for `input_ids` (batch, length); with `kv_cache`, also the cache.
 
-        `attention_mask` (batch, length), 1 for real tokens and 0 for padding, hides padded keys (left or right).
+        With `kv_cache` (a :class:`jaxlora.models.kv_cache.KVCache` from :func:`jaxlora.models.llama.init_cache`)
+        the tokens are the next `length` tokens of each row: row ``b``'s go at positions (and cache slots)
+        ``kv_cache.lengths[b]`` onwards, they attend to the row's cached tokens and to each other causally, with
+        row-local rotary positions, and the call returns ``(logits, new_cache)`` with every row's length moved on
+        by `length`. Feed a prompt first, then one token at a time; prompts of different lengths go right-padded,
+        then :func:`jaxlora.models.decoding.prefilled` sets each row's length to its real tokens (``generate`` does
+        this for left-padded prompts). Being the module's call, it is what ``jaxlora.apply_nnx`` and
+        ``jaxlora.apply_bank_nnx`` run, so adapters serve cached decoding too.
+
+        Args:
+            input_ids: (batch, length) integer tokens.
+            attention_mask: without a cache, (batch, length), 1 for real tokens and 0 for padding (left or
+                right), hiding the padded keys; None for none.
+            kv_cache: a cache with `batch` rows, or None for the plain (uncached) forward.
+
+        Returns:
+            The logits; with `kv_cache`, ``(logits, new_cache)``.
+
+        Raises:
+            ValueError: non-integer or non-2-D ids; with `kv_cache`, an attention_mask too, a cache of other
+                shapes, or `length` larger than its max_length (that ``lengths + length`` fits is the caller's to
+                keep: it cannot be checked under jit).
         """
         input_ids = _check_ids(input_ids)
         b, t = input_ids.shape
+        if kv_cache is not None:
+            if attention_mask is not None:
+                raise ValueError(
+                    "With kv_cache, each row attends to the tokens its cache holds (kv_cache.lengths), so there is "
+                    "no padding to mask: drop attention_mask (generate right-aligns left-padded prompts itself)."
+                )
+            check(self.config, kv_cache, input_ids.shape)
+            positions, mask = caching.positions(kv_cache, t), caching.attention_mask(kv_cache, t)
+            kv = (kv_cache.keys, kv_cache.values)
+            logits, (keys, values) = self._run(input_ids, positions, mask, kv, kv_cache.lengths)
+            return logits, caching.advance(kv_cache.replace(keys=keys, values=values), t)
         keys_valid = jnp.ones((b, t), bool) if attention_mask is None else jnp.asarray(attention_mask, bool)
         mask = (jnp.tril(jnp.ones((t, t), bool))[None] & keys_valid[:, None, :])[:, None]
         logits, _ = self._run(input_ids, jnp.arange(t)[None].repeat(b, 0), mask, None, None)
         return logits
 
     def decode(self, input_ids: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-        """Logits of `input_ids` (batch, t) appended to each row of the cache, and the updated cache.
-
-        Row ``b``'s tokens go at positions (and cache slots) ``cache.lengths[b]`` onwards
-        (:class:`jaxlora.models.kv_cache.KVCache`): they attend to the row's cached tokens and to each other
-        causally, with row-local rotary positions. Feed a prompt first, then one token at a time; prompts of
-        different lengths go right-padded, then :func:`jaxlora.models.decoding.prefilled` sets each row's length
-        to its real tokens (``generate`` does this for left-padded prompts).
+        """``self(input_ids, kv_cache=cache)``: the logits of `input_ids` appended to the cache, and the new cache.
 
         Args:
             input_ids: (batch, t) integer tokens.
             cache: a cache from :func:`jaxlora.models.llama.init_cache` with `batch` rows.
 
         Returns:
-            ``(logits, cache)``: (batch, t, vocab), and the cache with the tokens written and every row's length
-            moved on by t.
-
-        Raises:
-            ValueError: a cache of other shapes, or t larger than its max_length (that ``lengths + t`` fits is the
-                caller's to keep: it cannot be checked under jit).
+            ``(logits, cache)``, see ``__call__``.
         """
-        input_ids = _check_ids(input_ids)
-        t = input_ids.shape[1]
-        check(self.config, cache, input_ids.shape)
-        positions, mask = caching.positions(cache, t), caching.attention_mask(cache, t)
-        logits, (keys, values) = self._run(input_ids, positions, mask, (cache.keys, cache.values), cache.lengths)
-        return logits, caching.advance(cache.replace(keys=keys, values=values), t)
+        return self(input_ids, kv_cache=cache)
 
     def _run(self, input_ids, positions, mask, kv, lengths):
         x = self.embed_tokens(input_ids)
