@@ -6,7 +6,7 @@ import pytest
 from conftest import load_example
 
 
-@pytest.mark.parametrize("name", ["mnist", "regression", "toy_mlp", "gpt2_spam", "low_rank", "llama_sft"])
+@pytest.mark.parametrize("name", ["mnist", "regression", "toy_mlp", "gpt2_spam", "low_rank", "llama_sft", "serve"])
 def test_help_exits_cleanly_and_offers_quick(name, capsys):
     example = load_example(name)
     with pytest.raises(SystemExit) as exit_info:
