@@ -114,6 +114,8 @@ expect() {
       [ -f runs/distributed/summary.json ] || problems+=("no runs/distributed/summary.json") ;;
     ".venv/bin/python examples/distributed.py")
       has "Trained 20 steps on 1 process, 1 device" || problems+=("no summary of a 1-process run") ;;
+    ".venv/bin/python examples/serve.py" | ".venv/bin/python examples/serve.py --quick")
+      grep -qE "adapter merged: ([0-9]+)/\1 equal" "$log" || problems+=("a request differs from running it alone") ;;
     ".venv/bin/python examples/multi_adapter.py" | ".venv/bin/python examples/multi_adapter.py --quick")
       has "Every row equals its adapter merged and run alone: True" || problems+=("the mixed batch differs from the rows alone") ;;
     *)

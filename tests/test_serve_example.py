@@ -21,7 +21,7 @@ def example():
 def test_quick_serves_every_request_as_it_would_run_alone(example, tmp_path):
     metrics = example.main(["--quick", "--out", str(tmp_path)])
     assert metrics["equal_alone"] is True and len(metrics["checked"]) == 4
-    assert metrics["compilations"]["step"] == 1 and metrics["compilations"]["insert"] == 1
+    assert metrics["compilations"]["step"] == 1 and 1 <= metrics["compilations"]["insert"] <= 3  # batches of 1, 2, 4
     assert json.loads((tmp_path / "metrics.json").read_text())["requests"] == 10
     rows = metrics["per_request"]
     assert all(r["arrival"] <= r["admitted"] <= r["finished"] for r in rows)

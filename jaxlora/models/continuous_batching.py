@@ -1,13 +1,14 @@
 """Continuous batching: requests that arrive over time, each with its own adapter, prompt and token budget, served
 by a fixed number of rows of one KV cache; a finished row takes the next request at once.
 
-A :class:`Server` holds `rows` rows of a :class:`jaxlora.models.kv_cache.KVCache`. Each request is prefilled on
-its own (its prompt padded up to a length bucket) into a one-row cache, which :func:`~jaxlora.models.kv_cache.
-insert_row` puts into a free row; then one decoding step appends a token to every busy row, each row through its
-own adapter slot (an adapter bank's forward, `jaxlora.apply_bank` / `apply_bank_nnx`). A row that reaches its
-budget or a stop token is handed back and refilled before the next step, so no row waits for the longest request
-of a batch. Three compiled programs serve every request: one prefill per length bucket used, one step and one
-insert (:attr:`Server.compilations` counts them); the rows, slots, tokens and the forward's state are traced.
+A :class:`Server` holds `rows` rows of a :class:`jaxlora.models.kv_cache.KVCache`. The requests that find a free
+row at a step are prefilled together (their prompts padded to a length bucket, their number to a power of two)
+and each is put into its row (:func:`~jaxlora.models.kv_cache.insert_row`); then one decoding step appends a token
+to every busy row, each row through its own adapter slot (an adapter bank's forward, `jaxlora.apply_bank` /
+`apply_bank_nnx`). A row that reaches its budget or a stop token is handed back and refilled before the next step,
+so no row waits for the longest request of a batch. A bounded set of programs serves every request: one prefill
+per (batch size, length bucket) used, one step and an insert per batch size (:attr:`Server.compilations` counts
+them); the rows, slots, tokens and the forward's state are traced, and the cache is updated in place (donated).
 
 Each row's positions start at 0 and its attention sees its own slots only, so a request's tokens are the tokens it
 gets when run alone with its adapter (merged or not), whatever else shares the batch.
@@ -17,12 +18,14 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from jaxlora.models import decoding
 from jaxlora.models.kv_cache import KVCache, advance, insert_row
@@ -142,8 +145,8 @@ class Server:
         self._sampling = None if temperature is None else (float(temperature), int(top_k or 0), float(top_p or 1.0))
         self.compilations = {"prefill": 0, "step": 0, "insert": 0}
         self._prefill = jax.jit(self._prefill_fn)
-        self._step = jax.jit(self._step_fn)
-        self._insert = jax.jit(self._insert_fn)
+        self._step = jax.jit(self._step_fn, donate_argnums=(1,))  # the cache is updated in place
+        self._insert = jax.jit(self._insert_fn, donate_argnums=(0,))
 
     # --- the three compiled programs -------------------------------------------------------------------------
 
@@ -159,11 +162,11 @@ class Server:
 
         return jax.vmap(draw)(logits.astype(jnp.float32), seeds, counts)
 
-    def _prefill_fn(self, state, ids, length, slot, seed):
+    def _prefill_fn(self, state, ids, lengths, slots, seeds):
         self.compilations["prefill"] += 1  # runs once per compilation (a trace)
-        logits, cache = self.forward(state, ids, self.new_cache(1, self.max_length), slot)
-        last, cache = decoding.prefilled(logits, cache, length)
-        return self._pick(last[:, 0], seed, jnp.zeros((1,), jnp.int32)), cache
+        logits, cache = self.forward(state, ids, self.new_cache(ids.shape[0], self.max_length), slots)
+        last, cache = decoding.prefilled(logits, cache, lengths)
+        return self._pick(last[:, 0], seeds, jnp.zeros(ids.shape[:1], jnp.int32)), cache
 
     def _step_fn(self, state, cache, tokens, slots, busy, seeds, counts):
         self.compilations["step"] += 1
@@ -171,9 +174,15 @@ class Server:
         cache = advance(cache, jnp.where(busy, 0, -1))  # an idle row stays where it is
         return self._pick(logits[:, -1], seeds, counts), cache
 
-    def _insert_fn(self, cache, row, other):
+    def _insert_fn(self, cache, row, prefilled, j):
+        """`cache` with row `row` replaced by row `j` of a batch's prefilled cache."""
         self.compilations["insert"] += 1
-        return insert_row(cache, row, other)
+        one = prefilled.replace(
+            keys=lax.dynamic_slice_in_dim(prefilled.keys, j, 1, axis=1),
+            values=lax.dynamic_slice_in_dim(prefilled.values, j, 1, axis=1),
+            lengths=lax.dynamic_slice_in_dim(prefilled.lengths, j, 1),
+        )
+        return insert_row(cache, row, one)
 
     # --- the request loop ------------------------------------------------------------------------------------
 
@@ -210,16 +219,22 @@ class Server:
     def _bucket(self, length: int) -> int:
         return next((b for b in self.buckets if b >= length), self.max_length)
 
-    def _admit(self, row: _Row) -> tuple[int, KVCache]:
-        """Prefills `row`'s request on its own; returns its first token and its one-row cache."""
-        prompt = np.asarray(row.request.prompt, np.int32)
-        ids = np.zeros((1, self._bucket(prompt.size)), np.int32)
-        ids[0, : prompt.size] = prompt
-        first, row_cache = self._prefill(
-            self.state, jnp.asarray(ids), jnp.asarray([prompt.size], jnp.int32), jnp.asarray([row.slot], jnp.int32),
-            jnp.asarray([row.request.seed], jnp.uint32),
-        )  # fmt: skip
-        return int(first[0]), row_cache
+    def _admit(self, batch: list[_Row]) -> tuple[list[int], KVCache]:
+        """Prefills the requests of `batch` together (padded to a power-of-two batch and a length bucket); returns
+        their first tokens and the batch's cache (row j holding request j)."""
+        n = 1 << (len(batch) - 1).bit_length()
+        ids = np.zeros((n, self._bucket(max(len(row.request.prompt) for row in batch))), np.int32)
+        lengths, slots, seeds = np.ones(n, np.int32), np.full(n, BASE_MODEL, np.int32), np.zeros(n, np.uint32)
+        for j, row in enumerate(batch):
+            prompt = np.asarray(row.request.prompt, np.int32)
+            ids[j, : prompt.size], lengths[j], slots[j], seeds[j] = prompt, prompt.size, row.slot, row.request.seed
+        first, cache = self._prefill(self.state, *map(jnp.asarray, (ids, lengths, slots, seeds)))
+        return [int(t) for t in np.asarray(first)[: len(batch)]], cache
+
+    @staticmethod
+    def _arrived(requests: Sequence[Request], waiting: collections.deque, clock: int) -> int:
+        """How many of the waiting requests (in order of arrival) have arrived by step `clock`."""
+        return len(list(itertools.takewhile(lambda i: requests[i].arrival <= clock, waiting)))
 
     def _finished(self, row: _Row) -> bool:
         return len(row.tokens) >= row.request.max_new_tokens or (bool(self.eos) and row.tokens[-1] in self.eos)
@@ -245,16 +260,20 @@ class Server:
         cache = self.new_cache(self.rows, self.max_length)
         clock = 0
         while waiting or any(rows):
-            for r in range(self.rows):
-                while rows[r] is None and waiting and requests[waiting[0]].arrival <= clock:
-                    i = waiting.popleft()
-                    row = _Row(i, requests[i], self._slot(requests[i]), [], clock)
-                    first, row_cache = self._admit(row)
+            while True:  # every free row takes an arrived request; their prompts are prefilled together
+                free = [r for r in range(self.rows) if rows[r] is None]
+                arrived = min(len(free), self._arrived(requests, waiting, clock))
+                if not arrived:
+                    break
+                batch = [_Row(i, requests[i], self._slot(requests[i]), [], clock) for i in
+                         (waiting.popleft() for _ in range(arrived))]  # fmt: skip
+                firsts, prefilled = self._admit(batch)
+                for j, (r, row, first) in enumerate(zip(free, batch, firsts, strict=False)):
                     row.tokens.append(first)
                     if self._finished(row):
-                        done[i] = Completion(row.request, tuple(row.tokens), None, clock, clock)
+                        done[row.index] = Completion(row.request, tuple(row.tokens), None, clock, clock)
                     else:
-                        cache, rows[r] = self._insert(cache, jnp.int32(r), row_cache), row
+                        cache, rows[r] = self._insert(cache, jnp.int32(r), prefilled, jnp.int32(j)), row
             if not any(rows):
                 if waiting:
                     clock = max(clock, requests[waiting[0]].arrival)
