@@ -27,13 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxlora.models import decoding
-from jaxlora.models.kv_cache import KVCache, advance, insert_row
+from jaxlora.models import decoding, kv_cache
+from jaxlora.models.kv_cache import advance, insert_row
 from jaxlora.models.sampling import sample_token
 
 __all__ = ["Completion", "Request", "Server"]
 
-Forward = Callable[[Any, jax.Array, KVCache, jax.Array], tuple[jax.Array, KVCache]]
+Forward = Callable[[Any, jax.Array, kv_cache.KVCache, jax.Array], tuple[jax.Array, kv_cache.KVCache]]
 BASE_MODEL = -1
 
 
@@ -120,7 +120,7 @@ class Server:
         self,
         forward: Forward,
         state: Any,
-        new_cache: Callable[[int, int], KVCache],
+        new_cache: Callable[[int, int], kv_cache.KVCache],
         *,
         rows: int,
         max_length: int,
@@ -219,7 +219,7 @@ class Server:
     def _bucket(self, length: int) -> int:
         return next((b for b in self.buckets if b >= length), self.max_length)
 
-    def _admit(self, batch: list[_Row]) -> tuple[list[int], KVCache]:
+    def _admit(self, batch: list[_Row]) -> tuple[list[int], kv_cache.KVCache]:
         """Prefills the requests of `batch` together (padded to a power-of-two batch and a length bucket); returns
         their first tokens and the batch's cache (row j holding request j)."""
         n = 1 << (len(batch) - 1).bit_length()
