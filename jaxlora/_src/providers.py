@@ -222,16 +222,21 @@ def _two_einsums(x_lora, a, b, *, down, up, transposed, scale, out_dtype):
     return jnp.einsum(up, thin, second).astype(out_dtype)
 
 
+def _not_per_example(use: str, n: int) -> Refusal:
+    """Why a bank cannot serve a use whose operand does not carry the `n` examples on its leading axis."""
+    return Refusal(
+        f"{use}, whose leading axis is not the batch of {n} examples the adapter indices name (a bank serves layers "
+        "whose inputs keep the example axis first)"
+    )
+
+
 def _bank_rows(tag: Operand, x: Any, x_contracted: tuple[int, ...]) -> tuple[Any, Any] | Refusal:
     """A bank's A and B gathered for the examples along x's leading axis, or why they cannot be."""
     n = tag.slots.shape[-1]
     if tag.depth:
         return Refusal(f"it reaches an operation with {tag.depth} of its stacked layer axes unsliced by a scan")
     if jnp.ndim(x) < 1 or jnp.shape(x)[0] != n or 0 in tuple(x_contracted):
-        return Refusal(
-            f"it meets an input of shape {jnp.shape(x)}, whose leading axis is not the batch of {n} examples the "
-            "adapter indices name (a bank serves layers whose inputs keep the example axis first)"
-        )
+        return _not_per_example(f"it meets an input of shape {jnp.shape(x)}", n)
     return tag.example_rows(tag.a[tag.safe_slots], scaled=True), tag.example_rows(tag.b[tag.safe_slots])
 
 
@@ -406,10 +411,7 @@ def _banked_lookup(base: Any, ids: Any, tag: Operand) -> Any:
     """An embedding lookup with each example's own adapter: s_i·A_i[ids] B_i, reading only the looked-up rows."""
     n = tag.slots.shape[-1]
     if ids.ndim < 1 or ids.shape[0] != n:
-        return Refusal(
-            f"it is looked up with indices of shape {ids.shape}, whose leading axis is not the batch of {n} examples "
-            "the adapter indices name (a bank serves layers whose inputs keep the example axis first)"
-        )
+        return _not_per_example(f"it is looked up with indices of shape {ids.shape}", n)
     slots = tag.safe_slots.reshape((n,) + (1,) * (ids.ndim - 1))
     a_rows = tag.example_rows(tag.a[slots, ids], scaled=True)  # (batch, ..., R)
     b_rows = tag.example_rows(tag.b[tag.safe_slots])  # (batch, R, d)

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxlora import BASE_MODEL
 from jaxlora.models import decoding, kv_cache
 from jaxlora.models.kv_cache import advance, insert_row
 from jaxlora.models.sampling import sample_token
@@ -34,7 +35,6 @@ from jaxlora.models.sampling import sample_token
 __all__ = ["Completion", "Request", "Server"]
 
 Forward = Callable[[Any, jax.Array, kv_cache.KVCache, jax.Array], tuple[jax.Array, kv_cache.KVCache]]
-BASE_MODEL = -1
 
 
 @dataclasses.dataclass(frozen=True)
