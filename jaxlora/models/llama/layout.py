@@ -80,7 +80,9 @@ def convert_layout(model: Llama, scan_layers: bool) -> Llama:
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     if model.scan_layers != scan_layers:
         params = stack_layers(params) if scan_layers else unstack_layers(params)
-    target = nnx.eval_shape(lambda: Llama(model.config, scan_layers=scan_layers, dtype=model.dtype, rngs=nnx.Rngs(0)))
+    target = nnx.eval_shape(
+        lambda: Llama(model.config, scan_layers=scan_layers, dtype=model.dtype, remat=model.remat, rngs=nnx.Rngs(0))
+    )
     graphdef, state = nnx.split(target)
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)

@@ -19,6 +19,7 @@ them. ``jaxlora.models.llama.convert_layout`` switches between the two.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -120,9 +121,45 @@ def _stacked_layers(config: LlamaConfig, dtype: Any, rngs: nnx.Rngs) -> DecoderL
     return make(rngs)
 
 
-@nnx.scan(in_axes=(0, nnx.Carry, None, None, None, 0, None), out_axes=(nnx.Carry, 0))
-def _scan_layers(layer, x, cos, sin, mask, kv, lengths):
+REMAT_POLICIES = (
+    "nothing_saveable",
+    "dots_with_no_batch_dims_saveable",
+    "dots_saveable",
+    "everything_saveable",
+)
+
+
+def _remat_policy(remat: str | Callable[..., bool] | None) -> Callable[..., bool] | None:
+    """The ``jax.checkpoint`` policy that `remat` names: one of :data:`REMAT_POLICIES`, a policy callable, or None.
+
+    Raises:
+        ValueError: a name that is no policy.
+    """
+    if remat is None or callable(remat):
+        return remat
+    if remat not in REMAT_POLICIES:
+        raise ValueError(
+            f"remat={remat!r} is no rematerialisation policy; use one of {list(REMAT_POLICIES)} (from "
+            "jax.checkpoint_policies), a policy callable such as jax.checkpoint_policies.save_only_these_names(...), "
+            "or None to keep every residual."
+        )
+    return getattr(jax.checkpoint_policies, remat)
+
+
+def _call_layer(layer, x, cos, sin, mask, kv, lengths):
     return layer(x, cos, sin, mask, kv, lengths)
+
+
+def _layer_fn(remat: str | Callable[..., bool] | None, scanned: bool) -> Callable:
+    """A block's call, rematerialised in the backward pass under `remat`'s policy (or not, for None)."""
+    if remat is None:
+        return _call_layer
+    return nnx.remat(_call_layer, policy=_remat_policy(remat), prevent_cse=not scanned)  # a scan keeps XLA from CSE
+
+
+def _scan_layers(remat, layer, x, cos, sin, mask, kv, lengths):
+    scan = nnx.scan(_layer_fn(remat, True), in_axes=(0, nnx.Carry, None, None, None, 0, None), out_axes=(nnx.Carry, 0))
+    return scan(layer, x, cos, sin, mask, kv, lengths)
 
 
 class Llama(nnx.Module):
@@ -133,6 +170,11 @@ class Llama(nnx.Module):
         scan_layers: stack the blocks on a leading axis and run them with ``nnx.scan`` (default), or keep an
             ``nnx.List`` of blocks run one after another (the layout that jaxlora's PEFT name map addresses).
         dtype: weight and activation dtype, ``jnp.float32`` or ``jnp.bfloat16``; norms and softmax run in float32.
+        remat: rematerialise each decoder block in the backward pass: a policy name from :data:`REMAT_POLICIES`
+            (``"nothing_saveable"`` keeps only each block's input and recomputes the rest, about one more forward
+            pass; ``"dots_with_no_batch_dims_saveable"`` also keeps the projections' outputs and recomputes the
+            element-wise work), a ``jax.checkpoint_policies`` callable, or None (default) to keep every residual.
+            The forward pass and its gradients are unchanged; the step trades compute for activation memory.
         rngs: initialisation randomness (normal(initializer_range) linears and embedding, unit norm scales).
 
     Example:
@@ -143,10 +185,20 @@ class Llama(nnx.Module):
         (1, 5, 64)
     """
 
-    def __init__(self, config: LlamaConfig, *, scan_layers: bool = True, dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: LlamaConfig,
+        *,
+        scan_layers: bool = True,
+        dtype: Any = jnp.float32,
+        remat: str | Callable[..., bool] | None = None,
+        rngs: nnx.Rngs,
+    ):
         init = nnx.initializers.normal(config.initializer_range)
+        _remat_policy(remat)  # refuse an unknown name now, not at the first call
         self.config = config
         self.scan_layers = scan_layers
+        self.remat = remat
         self.embed_tokens = nnx.Embed(
             config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=dtype, embedding_init=init, rngs=rngs
         )
@@ -224,11 +276,11 @@ class Llama(nnx.Module):
         x = self.embed_tokens(input_ids)
         cos, sin = rotary_tables(self.config, positions)
         if self.scan_layers:
-            x, kv = _scan_layers(self.layers, x, cos, sin, mask, kv, lengths)
+            x, kv = _scan_layers(self.remat, self.layers, x, cos, sin, mask, kv, lengths)
         else:
-            new_kv = []
+            new_kv, call = [], _layer_fn(self.remat, False)
             for i, layer in enumerate(self.layers):
-                x, layer_kv = layer(x, cos, sin, mask, None if kv is None else (kv[0][i], kv[1][i]), lengths)
+                x, layer_kv = call(layer, x, cos, sin, mask, None if kv is None else (kv[0][i], kv[1][i]), lengths)
                 new_kv.append(layer_kv)
             kv = None if kv is None else tuple(jnp.stack(parts) for parts in zip(*new_kv, strict=True))
         x = self.norm(x)
