@@ -72,6 +72,7 @@ API_MODULES = {
     "jaxlora.models.decoding": "The decoding loop under both model families' generate: a prefill, then compiled steps.",
     "jaxlora.models.kv_cache": "The KV cache both model families decode with: one length per row, rows refilled alone.",
     "jaxlora.models.continuous_batching": "Continuous batching: requests over time, each on its adapter.",
+    "jaxlora.models.rematerialization": "Rematerialised decoder blocks: the checkpoint policies the models take.",
 }
 
 

@@ -9,6 +9,8 @@ from typing import Any
 
 import flax.linen as nn
 
+from jaxlora.models.rematerialization import POLICIES, checkpoint_policy
+
 ACTIVATIONS = {
     "gelu_new": partial(nn.gelu, approximate=True),
     "gelu": partial(nn.gelu, approximate=False),
@@ -30,12 +32,19 @@ class GPT2Config:
     activation: str = "gelu_new"  # "gelu_new" (tanh approximation, GPT-2's) or "gelu" (exact)
     initializer_range: float = 0.02
     scan_layers: bool = False  # blocks stacked by nn.scan under "h" (kernels (n_layer, in, out)), not h_0, h_1, ...
+    remat: str | None = None  # recompute each block in the backward pass: a jaxlora.models.rematerialization policy
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}.")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation={self.activation!r} is not one of {sorted(ACTIVATIONS)}.")
+        if self.remat is not None and not isinstance(self.remat, str):
+            raise ValueError(
+                f"remat={self.remat!r}: GPT2Config takes a policy name (it is saved with the config), one of "
+                f"{list(POLICIES)}, or None."
+            )
+        checkpoint_policy(self.remat)
 
     @property
     def mlp_width(self) -> int:

@@ -14,6 +14,7 @@ from jaxlora.models.gpt2.cache import check
 from jaxlora.models.gpt2.config import ACTIVATIONS, GPT2Config
 from jaxlora.models.kv_cache import KVCache
 from jaxlora.models.normalization import LayerNorm
+from jaxlora.models.rematerialization import checkpoint_policy
 
 LayerCache = tuple[jax.Array, jax.Array, jax.Array]  # one block's (keys, values) and the rows' lengths
 
@@ -104,6 +105,15 @@ class _ScannedCachedBlock(Block):
         return Block.__call__(self, x, mask, self.deterministic, (keys, values, lengths))
 
 
+def _rematted(block: type[Block], cfg: GPT2Config) -> type[Block]:
+    """`block`, recomputed in the backward pass under `cfg.remat`'s policy (itself when None)."""
+    if cfg.remat is None:
+        return block
+    scanned = block is not Block
+    static = () if scanned else (3,)  # Block's `deterministic` (self counts); the scanned blocks hold it
+    return nn.remat(block, policy=checkpoint_policy(cfg.remat), prevent_cse=not scanned, static_argnums=static)
+
+
 def _cached_blocks(
     cfg: GPT2Config, x: jax.Array, mask: jax.Array, deterministic: bool, cache: KVCache
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
@@ -111,14 +121,14 @@ def _cached_blocks(
     if not cfg.scan_layers:
         keys, values = [], []
         for i in range(cfg.n_layer):
-            x, (k, v) = Block(cfg, name=f"h_{i}")(
+            x, (k, v) = _rematted(Block, cfg)(cfg, name=f"h_{i}")(
                 x, mask, deterministic, (cache.keys[i], cache.values[i], cache.lengths)
             )
             keys.append(k)
             values.append(v)
         return x, (jnp.stack(keys), jnp.stack(values))
     scanned = nn.scan(
-        _ScannedCachedBlock,
+        _rematted(_ScannedCachedBlock, cfg),
         variable_axes={"params": 0},
         split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast, nn.broadcast, 0, 0),
@@ -131,10 +141,10 @@ def _blocks(cfg: GPT2Config, x: jax.Array, mask: jax.Array, deterministic: bool)
     """The n_layer blocks: h_0, h_1, ... or, with `scan_layers`, one nn.scan over stacked params under "h"."""
     if not cfg.scan_layers:
         for i in range(cfg.n_layer):
-            x = Block(cfg, name=f"h_{i}")(x, mask, deterministic)
+            x = _rematted(Block, cfg)(cfg, name=f"h_{i}")(x, mask, deterministic)
         return x
     scanned = nn.scan(
-        _ScannedBlock,
+        _rematted(_ScannedBlock, cfg),
         variable_axes={"params": 0},
         split_rngs={"params": True, "dropout": True},
         in_axes=nn.broadcast,

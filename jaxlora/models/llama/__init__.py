@@ -17,7 +17,7 @@ from jaxlora.models.llama.config import LlamaConfig
 from jaxlora.models.llama.generation import call_model, generate
 from jaxlora.models.llama.hf_checkpoint import config_from_hf, load_hf_weights, save_hf_weights
 from jaxlora.models.llama.layout import convert_layout, stack_layers, unstack_layers
-from jaxlora.models.llama.model import REMAT_POLICIES, Llama
+from jaxlora.models.llama.model import Llama
 from jaxlora.models.llama.names import (
     PEFT_TARGETS,
     PEFT_TARGETS_SCANNED,
@@ -25,6 +25,7 @@ from jaxlora.models.llama.names import (
     hf_param_name,
     peft_name_map,
 )
+from jaxlora.models.rematerialization import POLICIES as REMAT_POLICIES
 from jaxlora.models.sampling import filter_logits
 
 __all__ = [
