@@ -273,18 +273,33 @@ def load_hf_weights(
     chosen = {}
     if quantize is not None:
         chosen = quantization.chosen_leaves(state, plan, frozen_dense=frozen_dense, embeddings=embeddings)
-        for path, (axis, stacked) in chosen.items():
-            quantization.check_quantizable(shapes[path], quantize, block_size, path, axis, stacked)
+        chosen = {path: (quantize, block_size, *where) for path, where in chosen.items()}
+        for path, how in chosen.items():
+            quantization.check_quantizable(shapes[path], *how[:2], path, *how[2:])
     values = {}
     for path, shape in shapes.items():
-        if path in chosen:
-            axis, stacked = chosen[path]
-            read = _slice_reader(handles, per_path[path], shape[stacked:], 1 - axis, dtype, source)
-            values[path] = quantize_as_read(read, shape, quantize, block_size, path, axis, stacked)
-        else:
-            values[path] = jnp.asarray(_read_whole(handles, per_path[path], shape, dtype, scan_layers, source))
+        values[path] = _load_leaf(handles, path, per_path[path], shape, dtype, scan_layers, chosen.get(path), source)
     nnx.replace_by_pure_dict(state, _nest(values))
     return nnx.merge(graphdef, state)
+
+
+def _load_leaf(
+    handles: Mapping[str, Any],
+    path: str,
+    paths: list[str],
+    shape: tuple[int, ...],
+    dtype: Any,
+    scanned: bool,
+    quantized: tuple[Kind, int, int, int] | None,
+    source: str,
+) -> Any:
+    """Our leaf `path` (read from the checkpoint keys of `paths`), quantized as read when `quantized` gives
+    (kind, block_size, axis, stacked)."""
+    if quantized is None:
+        return jnp.asarray(_read_whole(handles, paths, shape, dtype, scanned, source))
+    kind, block_size, axis, stacked = quantized
+    read = _slice_reader(handles, paths, shape[stacked:], 1 - axis, dtype, source)
+    return quantize_as_read(read, shape, kind, block_size, path, axis, stacked)
 
 
 def _check_quantize_args(quantize: Any, plan: Any) -> None:
