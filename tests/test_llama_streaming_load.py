@@ -220,7 +220,14 @@ jax.block_until_ready(leaves)
 peak = high_water_kb()
 quantized = sum(quantization.is_quantized(x) for x in leaves)
 final = sum(quantization.nbytes(x) for x in leaves)
-print(json.dumps({"peak_kb": peak - baseline, "final_bytes": final, "quantized": quantized}))
+equal = None
+if kind is not None:  # after the measurement: the reference, quantize() of the float model (4x longer slices)
+    float_model = llama.load_hf_weights(sys.argv[1])
+    options = dict(kind=kind, frozen_dense=True, embeddings=True)
+    want = jax.tree.leaves(quantization.quantize(nnx.state(float_model, nnx.Param), plan, **options))
+    equal = len(want) == len(got := jax.tree.leaves(nnx.state(model, nnx.Param)))
+    equal = equal and all(a.dtype == b.dtype and bool(jnp.array_equal(a, b)) for a, b in zip(got, want))
+print(json.dumps({"peak_kb": peak - baseline, "final_bytes": final, "quantized": quantized, "equal": equal}))
 """
 
 
@@ -243,14 +250,16 @@ def _peak(directory, kind: str) -> dict:
     return result
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the peak from Linux's /proc")
 @pytest.mark.parametrize("kind", ["nf4", "none"])
 def test_peak_memory_of_the_load_is_bounded_by_the_final_tree(big_checkpoint, kind):
-    """Peak RSS <= 1.25 x the loaded tree's bytes + 1 GiB; quantized, also under the float checkpoint's bytes:
-    the float model never exists (at 311 MB the GiB of slack alone would let it)."""
+    """Peak RSS <= 1.25 x the loaded tree's bytes + 1 GiB, for a 311 MB bf16 checkpoint in 3 shards (loading the
+    float model and then quantizing it peaks above: 1.31 GB against 1.18 GB, measured 2026-12-08)."""
     directory, float_bytes = big_checkpoint
     result = _peak(directory, kind)
     assert result["peak_bytes"] <= 1.25 * result["final_bytes"] + 2**30, result
     if kind != "none":
         assert result["quantized"] == 7 + 2  # the stacked kernels, the embedding and the head
+        assert result["equal"]  # bit for bit quantize(float model), which quantizes in other slices
         print(f"float checkpoint {float_bytes} bytes; peak / float checkpoint {result['peak_bytes'] / float_bytes:.2f}")
