@@ -3,6 +3,9 @@
 Tensors are read as numpy in the checkpoint's dtype (bfloat16 through ``ml_dtypes``), transposed and written
 into one preallocated buffer per parameter in the model's dtype, stacked for the scanned layout: a bfloat16
 checkpoint loaded as bfloat16 never passes through float32, and the host holds one buffer plus one tensor.
+With ``quantize=``, the kernels a QLoRA plan quantizes are read a slice of rows at a time and quantized into
+preallocated codes and scales (``streamed_quantization``), so the float model never exists. Each shard is opened
+for each read and closed after it, so that the pages read do not stay resident.
 """
 
 from __future__ import annotations
