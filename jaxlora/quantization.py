@@ -3,6 +3,7 @@
 from jaxlora._src.quantization import (
     DEFAULT_BLOCK_SIZE,
     KINDS,
+    chosen_leaves,
     dequantize,
     dequantize_params,
     embedding_rows,
@@ -20,6 +21,7 @@ from jaxlora._src.quantization import (
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "KINDS",
+    "chosen_leaves",
     "dequantize",
     "dequantize_params",
     "embedding_rows",

@@ -358,3 +358,22 @@ def test_embedding_quantization_is_exact_in_slices_and_refuses_a_block_that_does
     with pytest.raises(ValueError, match=re.escape(message) + ".*pass block_size=32"):
         jq.quantize(params, plan, embeddings=True)
     assert not jq.is_quantized(jq.quantize(params, plan)["embed"]["embedding"])  # embeddings=False by default
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_a_stacked_kernel_is_quantized_layer_by_layer(kind):
+    """A kernel whose plan stacks layers (nn.scan's layout) gets each layer's codes and scales, stacked; its report
+    row and requantize read the format of one layer."""
+    kernel = jax.random.normal(jax.random.key(4), (3, 128, 16))
+    params = {"layers": {"dense": {"kernel": kernel}}}
+    plan = jaxlora.plan(params, jaxlora.LoraConfig(rank=2, stacked_axes={r"layers/.*": 1}))
+    stacked = jq.quantize(params, plan, kind=kind)["layers"]["dense"]["kernel"]
+    for i in range(3):
+        layer = jq.quantize_array(kernel[i], kind)
+        np.testing.assert_array_equal(stacked.qvalue[i], layer.qvalue)
+        np.testing.assert_array_equal(stacked.scale[i], layer.scale)
+    assert (kind + "/64" if kind == "nf4" else "int8/channel") in jq.report(
+        params, {"layers": {"dense": {"kernel": stacked}}}
+    )
+    again, _ = jq.requantize(jq.dequantize_params({"k": stacked}), like={"k": stacked})
+    assert again["k"].shape == (3, 128, 16)

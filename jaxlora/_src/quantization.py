@@ -63,33 +63,62 @@ def dequantize(x: Any) -> Any:
 
 
 def quantize_array(
-    weight: jax.Array, kind: Kind = "nf4", block_size: int = DEFAULT_BLOCK_SIZE, path: str = "W", axis: int = 0
+    weight: jax.Array,
+    kind: Kind = "nf4",
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    path: str = "W",
+    axis: int = 0,
+    stacked: int = 0,
 ):
     """One 2-D array as a `qwix.QArray`: NF4 in blocks of `block_size` along `axis`, or int8 with one scale per
     index of the other axis.
 
     `axis=0` is a kernel's layout (in, out): blocks along the input features of each output column. `axis=1` is
     an embedding table's (vocab, features): blocks along each row, so that a lookup decodes only its rows.
+    With `stacked` leading axes (layers stacked by `nn.scan` / `nnx.scan`), each layer's 2-D array is quantized
+    alone and the codes and scales are stacked (`axis` counts within the layer).
 
     Raises:
-      ValueError: for an unknown kind, an array that is not 2-D, or a block size that does not divide the
-        length of `axis`.
+      ValueError: for an unknown kind, an array that is not 2-D (after the stacked axes), or a block size that
+        does not divide the length of `axis`.
     """
     qwix = _qwix()
+    check_quantizable(tuple(np.shape(weight)), kind, block_size, path, axis, stacked)
+    if stacked:
+        return _per_layer(lambda layer: quantize_array(layer, kind, block_size, path, axis), weight, stacked)
+    if kind == "int8":
+        return qwix.quantize(weight, jnp.int8, channelwise_axes=(1 - axis,))
+    return _in_slices(
+        lambda part: qwix.quantize(part, "nf4", channelwise_axes=(1 - axis,), tiled_axes={axis: block_size}),
+        weight,
+        1 - axis,
+    )
+
+
+def check_quantizable(
+    shape: tuple[int, ...], kind: Kind, block_size: int, path: str = "W", axis: int = 0, stacked: int = 0
+) -> None:
+    """Refuses, before any work, what `quantize_array` would refuse for an array of `shape` (same arguments).
+
+    Raises:
+      ValueError: naming `path`, for an unknown kind, a shape that is not 2-D after the stacked axes, or a block
+        size that does not divide the length of `axis`.
+    """
     if kind not in KINDS:
         raise ValueError(f"quantization kind must be one of {KINDS}, got {kind!r}")
-    shape = tuple(np.shape(weight))
-    if len(shape) != 2:
+    if len(shape) != 2 + stacked:
         raise ValueError(
             f"cannot quantize {path!r} of shape {shape}: quantized bases are served for 2-D kernels (nn.Dense) and "
-            "embedding tables (nn.Embed); leave it out with quantize(..., targets=...) or adapt only those"
+            "embedding tables (nn.Embed), stacked or not; leave it out with quantize(..., targets=...) or adapt "
+            "only those"
         )
     if axis not in (0, 1):
         raise ValueError(f"axis must be 0 (a kernel's input features) or 1 (an embedding's features), got {axis!r}")
     if kind == "int8":
-        return qwix.quantize(weight, jnp.int8, channelwise_axes=(1 - axis,))
+        return
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    shape = shape[stacked:]
     if shape[axis] % block_size:
         divisors = [d for d in (128, 64, 32, 16, 8) if shape[axis] % d == 0]
         along = "input features" if axis == 0 else "features per row"
@@ -98,21 +127,22 @@ def quantize_array(
             f"its {shape[axis]} {along}, which {block_size} does not divide; pass block_size="
             f"{divisors[0] if divisors else 'a divisor of ' + str(shape[axis])} or leave the leaf out"
         )
-    return _in_slices(
-        lambda part: qwix.quantize(part, "nf4", channelwise_axes=(1 - axis,), tiled_axes={axis: block_size}),
-        weight,
-        1 - axis,
-    )
 
 
 _SLICE_ELEMENTS = 1 << 22  # NF4 rounding compares each value with 16 codes: a 50257 x 768 table at once takes 2.5 GB
+
+
+def slice_length(shape: tuple[int, ...], keep: int, elements: int | None = None) -> int:
+    """How many indices along `keep` one slice of a 2-D array of `shape` spans when quantized in slices of about
+    `elements` values (default: the slices `quantize_array` takes)."""
+    return max(1, (elements or _SLICE_ELEMENTS) // max(1, int(np.prod(shape)) // shape[keep]))
 
 
 def _in_slices(quantize_fn: Any, weight: jax.Array, keep: int) -> Any:
     """`quantize_fn(weight)` applied to slices along `keep` (whose indices each have their own scales, so the result
     is the same) and concatenated, bounding the transient memory of quantizing a large table."""
     n = np.shape(weight)[keep]
-    step = max(1, _SLICE_ELEMENTS // max(1, int(np.prod(np.shape(weight))) // n))
+    step = slice_length(tuple(np.shape(weight)), keep)
     if step >= n:
         return quantize_fn(weight)
     weight = jnp.asarray(weight)
@@ -122,6 +152,15 @@ def _in_slices(quantize_fn: Any, weight: jax.Array, keep: int) -> Any:
         qvalue=jnp.concatenate([p.qvalue for p in parts], axis=keep),
         scale=jnp.concatenate([p.scale for p in parts], axis=keep),
     )
+
+
+def _per_layer(quantize_fn: Any, weight: jax.Array, stacked: int) -> Any:
+    """`quantize_fn` applied to each layer of `weight` (its first `stacked` axes index the layers), stacked again."""
+    lead = tuple(np.shape(weight)[:stacked])
+    flat = jnp.reshape(jnp.asarray(weight), (-1, *np.shape(weight)[stacked:]))
+    parts = [quantize_fn(flat[i]) for i in range(flat.shape[0])]
+    stack = lambda xs: jnp.stack(xs).reshape(*lead, *xs[0].shape)
+    return dataclasses.replace(parts[0], qvalue=stack([p.qvalue for p in parts]), scale=stack([p.scale for p in parts]))
 
 
 def _is_embedding(path: str, leaf: Any) -> bool:
@@ -166,18 +205,55 @@ def quantize(
       >>> jaxlora.quantization.is_quantized(quantized["dense"]["kernel"]), quantized["dense"]["kernel"].shape
       (True, (128, 8))
     """
-    resolved = resolve(params, plan)
-    saved = set(resolved.saved)
+    chosen = chosen_leaves(params, plan, frozen_dense=frozen_dense, embeddings=embeddings)
 
     def convert(path: str, leaf: Any) -> Any:
-        if is_quantized(leaf):
+        if path not in chosen:
             return leaf
-        table = _is_embedding(path, leaf)
-        frozen_kernel = frozen_dense and path.rpartition("/")[2] == "kernel" and np.ndim(leaf) == 2
-        chosen = path in resolved.leaves or (path not in saved and (frozen_kernel or (embeddings and table)))
-        return quantize_array(leaf, kind, block_size, path, axis=1 if table else 0) if chosen else leaf
+        axis, stacked = chosen[path]
+        return quantize_array(leaf, kind, block_size, path, axis=axis, stacked=stacked)
 
     return map_with_paths(convert, params)
+
+
+def chosen_leaves(
+    params: PyTree, plan: Plan | LoraConfig, *, frozen_dense: bool = False, embeddings: bool = False
+) -> dict[str, tuple[int, int]]:
+    """`{path: (axis, stacked)}` of the leaves `quantize` quantizes, with `quantize_array`'s `axis` and `stacked`.
+
+    Every adapted kernel (its plan's stacked layer axes kept apart), plus, unless in modules_to_save, the 2-D
+    `kernel` leaves with `frozen_dense` and the 2-D `embedding` leaves with `embeddings`. Leaves already
+    quantized are left out. `params` may be abstract (`jax.ShapeDtypeStruct` leaves): loaders use it to quantize
+    as they read.
+
+    Args:
+      params: the float base params, or their `jax.eval_shape`.
+      plan: as for `quantize`.
+      frozen_dense: as for `quantize`.
+      embeddings: as for `quantize`.
+
+    Returns:
+      The chosen paths, each with the axis its blocks run along (0: a kernel's inputs, 1: an embedding's row) and
+      how many leading axes stack layers.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxlora
+      >>> params = {"dense": {"kernel": jnp.zeros((128, 8))}, "embed": {"embedding": jnp.zeros((10, 64))}}
+      >>> plan = jaxlora.plan(params, jaxlora.LoraConfig(rank=2, targets=("dense/kernel",)))
+      >>> jaxlora.quantization.chosen_leaves(params, plan, embeddings=True)
+      {'dense/kernel': (0, 0), 'embed/embedding': (1, 0)}
+    """
+    resolved = resolve(params, plan)
+    saved = set(resolved.saved)
+    chosen = {}
+    for path, leaf in leaves_with_paths(params):
+        table = _is_embedding(path, leaf)
+        frozen_kernel = frozen_dense and path.rpartition("/")[2] == "kernel" and np.ndim(leaf) == 2
+        adapted = resolved.leaves.get(path)
+        if is_quantized(leaf) or not (adapted or (path not in saved and (frozen_kernel or (embeddings and table)))):
+            continue
+        chosen[path] = (1 if table else 0, adapted.stacked_axes if adapted else 0)
+    return chosen
 
 
 def dequantize_params(params: PyTree) -> PyTree:
@@ -198,7 +274,7 @@ def requantize(params: PyTree, like: PyTree) -> tuple[PyTree, dict[str, float]]:
         if path not in formats:
             return leaf
         kind, block, axis = formats[path]
-        quantized = quantize_array(dequantize(leaf), kind, block, path, axis)
+        quantized = quantize_array(dequantize(leaf), kind, block, path, axis, stacked=np.ndim(leaf) - 2)
         errors[path] = relative_error(dequantize(leaf), quantized)
         return quantized
 
@@ -206,8 +282,8 @@ def requantize(params: PyTree, like: PyTree) -> tuple[PyTree, dict[str, float]]:
 
 
 def _format(leaf: Any) -> tuple[str, int, int]:
-    """(kind, block length, the axis the blocks run along) of a quantized 2-D array."""
-    tiles = [n // m for n, m in zip(leaf.shape, leaf.scale.shape, strict=True)]
+    """(kind, block length, the axis the blocks run along) of a quantized 2-D array (or stack of them)."""
+    tiles = [n // m for n, m in zip(leaf.shape[-2:], leaf.scale.shape[-2:], strict=True)]
     axis = 1 if tiles[1] > 1 and tiles[0] == 1 else 0
     return ("nf4" if leaf.qtype == "nf4" else "int8"), tiles[axis], axis
 

@@ -3,15 +3,18 @@
 Tensors are read as numpy in the checkpoint's dtype (bfloat16 through ``ml_dtypes``), transposed and written
 into one preallocated buffer per parameter in the model's dtype, stacked for the scanned layout: a bfloat16
 checkpoint loaded as bfloat16 never passes through float32, and the host holds one buffer plus one tensor.
+With ``quantize=``, the kernels a QLoRA plan quantizes are read a slice of rows at a time and quantized into
+preallocated codes and scales (``streamed_quantization``), so the float model never exists. Each shard is opened
+for each read and closed after it, so that the pages read do not stay resident.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +22,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxlora._src import quantization
+from jaxlora._src.config import LoraConfig
 from jaxlora._src.paths import leaves_with_paths
+from jaxlora._src.planning import Plan
+from jaxlora._src.quantization import DEFAULT_BLOCK_SIZE, Kind
+from jaxlora._src.streamed_quantization import quantize_as_read
 from jaxlora.models.llama.config import LlamaConfig
 from jaxlora.models.llama.layout import unstack_layers
 from jaxlora.models.llama.model import Llama
 from jaxlora.models.llama.names import hf_param_name
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some older checkpoints carry
+_MAX_HEADER = 100_000_000  # safetensors refuses longer headers
 _HINT = (
     "Pass a local directory holding config.json and model.safetensors (or model.safetensors.index.json with its "
     "shards), or a Hugging Face repo id on a machine that is online (or has it in the hub cache)."
@@ -90,27 +99,76 @@ def _weight_files(directory: Path) -> list[Path]:
             raise ValueError(f"{index} is not a safetensors index (no 'weight_map'): {err}") from None
         missing = [s for s in shards if not (directory / s).is_file()]
         if missing:
-            raise FileNotFoundError(f"{index} names shards that are not in {directory}: {missing[:4]}")
+            raise FileNotFoundError(
+                f"{index} names shards that are not in {directory}: {missing[:4]}; download them again (an "
+                "interrupted download leaves some out) or pass the directory that holds every shard"
+            )
         return [directory / shard for shard in shards]
     raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {directory}. {_HINT}")
 
 
-@contextlib.contextmanager
-def _open_tensors(files: list[Path]) -> Iterator[dict[str, Any]]:
-    """``{key: safe_open handle}`` over every shard, open for the duration of the block (tensors read lazily)."""
+@dataclasses.dataclass(frozen=True)
+class _Shard:
+    """One safetensors file, opened for each read and closed after it.
+
+    ``safe_open`` maps the whole file: held open through the load, every page read would stay resident in the
+    process (the whole checkpoint, by the end); closed after each read, only the values copied out remain.
+    """
+
+    file: Path
+
+    def read(self, key: str, index: tuple[slice, ...] = ()) -> np.ndarray:
+        """Tensor `key` (the part `index` selects), copied out of the file."""
+        with _safe_open(self.file) as handle:
+            return handle.get_slice(key)[index] if index else handle.get_tensor(key)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        with _safe_open(self.file) as handle:
+            return tuple(handle.get_slice(key).get_shape())
+
+
+def _safe_open(file: Path) -> Any:
     from safetensors import safe_open
 
-    with contextlib.ExitStack() as stack:
-        handles: dict[str, Any] = {}
-        for file in files:
-            try:
-                handle = stack.enter_context(safe_open(str(file), framework="numpy"))
-            except Exception as err:
-                raise ValueError(f"could not read {file} as a safetensors file: {err}") from err
-            for key in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
-                if not key.endswith(_IGNORED_SUFFIXES):
-                    handles[key] = handle
-        yield handles
+    try:
+        return safe_open(str(file), framework="numpy")
+    except Exception as err:
+        raise ValueError(_cut_short(file) or f"could not read {file} as a safetensors file: {err}") from err
+
+
+def _open_tensors(files: list[Path]) -> dict[str, _Shard]:
+    """``{key: shard}`` over every shard (each file checked readable; tensors read lazily)."""
+    shards: dict[str, _Shard] = {}
+    for file in files:
+        with _safe_open(file) as handle:
+            keys = handle.keys()
+        shards.update({key: _Shard(file) for key in keys if not key.endswith(_IGNORED_SUFFIXES)})
+    return shards
+
+
+def _cut_short(file: Path) -> str | None:
+    """Why `file` is a truncated safetensors file (naming the first tensor it cuts), or None if it is not one."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        text = f.read(min(length, _MAX_HEADER))
+    if size < 8 or length > _MAX_HEADER or not text.startswith(b"{"):
+        return None  # not a safetensors file at all
+    fix = "the file is truncated (an interrupted download or copy): download or copy it again"
+    if 8 + length > size:
+        return f"{file} is cut short inside its header ({size} bytes); {fix}"
+    try:
+        header = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    ends = sorted((v["data_offsets"][1], k) for k, v in header.items() if isinstance(v, dict) and "data_offsets" in v)
+    cut = [key for end, key in ends if 8 + length + end > size]
+    if not cut:
+        return None
+    return (
+        f"{file} is cut short: it has {size} bytes, but its header places tensor {cut[0]!r} up to byte "
+        f"{8 + length + header[cut[0]]['data_offsets'][1]} ({len(cut)} tensor(s) lie past the end); {fix}"
+    )
 
 
 def _torch_shape(path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -120,13 +178,17 @@ def _torch_shape(path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
 def _read(handles: Mapping[str, Any], path: str, shape: tuple[int, ...], source: str) -> np.ndarray:
     """One of our leaves from the checkpoint (kernels transposed from torch's (out, in)), shape-checked."""
     key = hf_param_name(path)
-    value = handles[key].get_tensor(key)
-    if tuple(value.shape) != _torch_shape(path, shape):
+    value = handles[key].read(key)
+    _check_shape(key, tuple(value.shape), path, shape, source)
+    return value.T if path.endswith("/kernel") else value
+
+
+def _check_shape(key: str, found: tuple[int, ...], path: str, shape: tuple[int, ...], source: str) -> None:
+    if found != _torch_shape(path, shape):
         raise ValueError(
-            f"{source}: {key!r} has shape {tuple(value.shape)}, expected {_torch_shape(path, shape)} for our "
+            f"{source}: {key!r} has shape {found}, expected {_torch_shape(path, shape)} for our "
             f"{path!r}; the checkpoint does not belong to this config.json"
         )
-    return value.T if path.endswith("/kernel") else value
 
 
 def _unrolled_paths(path: str, scanned: bool, depth: int) -> list[str]:
@@ -139,7 +201,7 @@ def _unrolled_paths(path: str, scanned: bool, depth: int) -> list[str]:
 def _check_keys(handles: Mapping[str, Any], expected: set[str], config: LlamaConfig, source: str) -> None:
     present = set(handles)
     if config.tie_word_embeddings and "lm_head.weight" in present:
-        head, table = (handles[k].get_tensor(k) for k in ("lm_head.weight", "model.embed_tokens.weight"))
+        head, table = (handles[k].read(k) for k in ("lm_head.weight", "model.embed_tokens.weight"))
         if head.shape != table.shape or not np.array_equal(head, table):
             raise ValueError(f"{source}: lm_head.weight differs from the embedding, but config.json ties them.")
         present.discard("lm_head.weight")
@@ -159,8 +221,17 @@ def load_hf_weights(
     config: LlamaConfig | None = None,
     scan_layers: bool = True,
     dtype: Any = None,
+    quantize: Kind | None = None,
+    plan: Plan | LoraConfig | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    frozen_dense: bool = False,
+    embeddings: bool = False,
 ) -> Llama:
     """A :class:`Llama` holding the weights of a Hugging Face ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` checkpoint.
+
+    With `quantize`, the kernels that ``jaxlora.quantization.quantize(params, plan, ...)`` would quantize are
+    quantized as they are read, one slice of output rows at a time (layer by layer for the scanned layout), so
+    that the float model never exists in memory: a QLoRA base for a model whose float weights do not fit.
 
     Args:
         path_or_repo: a directory with ``config.json`` and ``model.safetensors`` or a sharded
@@ -168,43 +239,119 @@ def load_hf_weights(
         config: overrides the ``config.json``.
         scan_layers: the scanned layout (stacked layers, default) or the unrolled one.
         dtype: weight dtype; None keeps the checkpoint's (a bfloat16 checkpoint gives a bfloat16 model).
+        quantize: None (float weights), "nf4" or "int8": as ``quantization.quantize``'s `kind`.
+        plan: with `quantize`, the ``jaxlora.Plan`` or ``LoraConfig`` whose adapted kernels are quantized
+            (for the scanned layout, a config with ``stacked_axes=llama.STACKED_AXES``).
+        block_size, frozen_dense, embeddings: as for ``quantization.quantize``.
 
     Returns:
-        The model, in the requested layout and dtype.
+        The model, in the requested layout and dtype; with `quantize`, its chosen kernels are ``qwix.QArray``
+        equal bit for bit to ``quantization.quantize(nnx.state(float_model, nnx.Param), plan, ...)``.
 
     Raises:
-        FileNotFoundError: no checkpoint there (or offline). ValueError: unreadable files, missing, unexpected or
-        mis-shaped tensors.
+        FileNotFoundError: no checkpoint there (or offline), or a shard of the index is missing. ValueError:
+        unreadable or truncated files, missing, unexpected or mis-shaped tensors, what ``quantize`` refuses.
 
     Example:
         >>> model = load_hf_weights("Qwen/Qwen2.5-0.5B", dtype=jnp.bfloat16)  # doctest: +SKIP
+        >>> import jaxlora
+        >>> from jaxlora.models import llama
+        >>> lora = jaxlora.LoraConfig(rank=16, targets=(llama.PEFT_TARGETS_SCANNED,), stacked_axes=llama.STACKED_AXES)
+        >>> qlora_base = load_hf_weights("meta-llama/Llama-3.1-8B", quantize="nf4", plan=lora)  # doctest: +SKIP
     """
+    _check_quantize_args(quantize, plan)
     directory = resolve(path_or_repo)
     config = config or config_from_hf(directory)
     files = _weight_files(directory)
     source = str(files[0] if len(files) == 1 else directory / "model.safetensors.index.json")
-    with _open_tensors(files) as handles:
-        if "model.embed_tokens.weight" not in handles:
-            raise ValueError(f"{source} is no Llama-family checkpoint: it has no 'model.embed_tokens.weight'.")
-        if dtype is None:
-            dtype = handles["model.embed_tokens.weight"].get_tensor("model.embed_tokens.weight").dtype
-        abstract = nnx.eval_shape(lambda: Llama(config, scan_layers=scan_layers, dtype=dtype, rngs=nnx.Rngs(0)))
-        graphdef, state = nnx.split(abstract)
-        shapes = {path: tuple(leaf.shape) for path, leaf in leaves_with_paths(state)}
-        depth = config.num_hidden_layers
-        per_path = {path: _unrolled_paths(path, scan_layers, depth) for path in shapes}
-        _check_keys(handles, {hf_param_name(p) for paths in per_path.values() for p in paths}, config, source)
-        values = {}
-        for path, shape in shapes.items():
-            buffer = np.empty(shape, jnp.dtype(dtype))
-            if scan_layers and path.startswith("layers/"):
-                for i, layer_path in enumerate(per_path[path]):
-                    buffer[i] = _read(handles, layer_path, shape[1:], source)
-            else:
-                buffer[...] = _read(handles, path, shape, source)
-            values[path] = jnp.asarray(buffer)
+    handles = _open_tensors(files)
+    if "model.embed_tokens.weight" not in handles:
+        raise ValueError(f"{source} is no Llama-family checkpoint: it has no 'model.embed_tokens.weight'.")
+    dtype = jnp.dtype(_checkpoint_dtype(handles) if dtype is None else dtype)
+    abstract = nnx.eval_shape(lambda: Llama(config, scan_layers=scan_layers, dtype=dtype, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    shapes = {path: tuple(leaf.shape) for path, leaf in leaves_with_paths(state)}
+    per_path = {path: _unrolled_paths(path, scan_layers, config.num_hidden_layers) for path in shapes}
+    _check_keys(handles, {hf_param_name(p) for paths in per_path.values() for p in paths}, config, source)
+    chosen = {}
+    if quantize is not None:
+        chosen = quantization.chosen_leaves(state, plan, frozen_dense=frozen_dense, embeddings=embeddings)
+        chosen = {path: (quantize, block_size, *where) for path, where in chosen.items()}
+        for path, how in chosen.items():
+            quantization.check_quantizable(shapes[path], *how[:2], path, *how[2:])
+    values = {}
+    for path, shape in shapes.items():
+        values[path] = _load_leaf(handles, path, per_path[path], shape, dtype, scan_layers, chosen.get(path), source)
     nnx.replace_by_pure_dict(state, _nest(values))
     return nnx.merge(graphdef, state)
+
+
+def _load_leaf(
+    handles: Mapping[str, Any],
+    path: str,
+    paths: list[str],
+    shape: tuple[int, ...],
+    dtype: Any,
+    scanned: bool,
+    quantized: tuple[Kind, int, int, int] | None,
+    source: str,
+) -> Any:
+    """Our leaf `path` (read from the checkpoint keys of `paths`), quantized as read when `quantized` gives
+    (kind, block_size, axis, stacked)."""
+    if quantized is None:
+        return jnp.asarray(_read_whole(handles, paths, shape, dtype, scanned, source))
+    kind, block_size, axis, stacked = quantized
+    read = _slice_reader(handles, paths, shape[stacked:], 1 - axis, dtype, source)
+    return quantize_as_read(read, shape, kind, block_size, path, axis, stacked)
+
+
+def _check_quantize_args(quantize: Any, plan: Any) -> None:
+    if quantize is None and plan is not None:
+        raise ValueError("load_hf_weights got plan= without quantize=: pass quantize='nf4' (or 'int8'), or drop plan")
+    if quantize is not None and quantize not in quantization.KINDS:
+        raise ValueError(f"load_hf_weights(quantize={quantize!r}): pass one of {quantization.KINDS}, or None")
+    if quantize is not None and plan is None:
+        raise ValueError(
+            f"load_hf_weights(quantize={quantize!r}) needs plan=, the jaxlora.Plan or LoraConfig whose adapted "
+            "kernels to quantize, e.g. LoraConfig(rank=16, targets=(llama.PEFT_TARGETS_SCANNED,), "
+            "stacked_axes=llama.STACKED_AXES) for the scanned layout"
+        )
+
+
+def _checkpoint_dtype(handles: Mapping[str, Any]) -> np.dtype:
+    """The embedding's dtype in the checkpoint, read from one row (not the whole table)."""
+    return handles["model.embed_tokens.weight"].read("model.embed_tokens.weight", (slice(0, 1),)).dtype
+
+
+def _read_whole(
+    handles: Mapping[str, Any], paths: list[str], shape: tuple[int, ...], dtype: Any, scanned: bool, source: str
+) -> np.ndarray:
+    """One leaf in float, into one buffer (the layers stacked for a scanned ``layers/`` leaf)."""
+    buffer = np.empty(shape, dtype)
+    if scanned and paths[0].startswith("layers/"):
+        for i, layer_path in enumerate(paths):
+            buffer[i] = _read(handles, layer_path, shape[1:], source)
+    else:
+        buffer[...] = _read(handles, paths[0], shape, source)
+    return buffer
+
+
+def _slice_reader(
+    handles: Mapping[str, Any], paths: list[str], shape: tuple[int, ...], keep: int, dtype: Any, source: str
+) -> Callable[[tuple[int, ...], int, int], np.ndarray]:
+    """Reads indices start:stop along `keep` of one layer's 2-D leaf of `shape`, in `dtype` (see quantize_as_read)."""
+
+    def read(layer: tuple[int, ...], start: int, stop: int) -> np.ndarray:
+        path = paths[layer[0] if layer else 0]
+        key = hf_param_name(path)
+        if start == 0:
+            _check_shape(key, handles[key].shape(key), path, shape, source)
+        kernel = path.endswith("/kernel")
+        rows = slice(start, stop)
+        part = handles[key].read(key, (rows,) if (1 - keep if kernel else keep) == 0 else (slice(None), rows))
+        return np.asarray(part.T if kernel else part, dtype)
+
+    return read
 
 
 def _nest(flat: Mapping[str, Any]) -> dict:
