@@ -116,6 +116,15 @@ def test_quantized_base_serves_lora_like_the_reference(sharded):
     ids = jnp.arange(12).reshape(2, 6)
     want = jaxlora.apply_nnx(reference, adapters, plan, ids)
     np.testing.assert_array_equal(jaxlora.apply_nnx(got, adapters, plan, ids), want)
+    # Independently of the quantized serving path: the plain model on the decoded weights with the adapters merged.
+    graphdef, params, rest = nnx.split(reference, nnx.Param, ...)
+    decoded = quantization.dequantize_params(params)
+    merged = nnx.merge(graphdef, jaxlora.merge(decoded, adapters, plan), rest)
+    np.testing.assert_allclose(want, merged(ids), rtol=1e-4, atol=1e-4)
+
+
+def test_remat_is_passed_to_the_model(sharded):
+    assert llama.load_hf_weights(sharded["float32"], remat="nothing_saveable").remat == "nothing_saveable"
 
 
 def _copy(directory, tmp_path):

@@ -226,6 +226,7 @@ def load_hf_weights(
     block_size: int = DEFAULT_BLOCK_SIZE,
     frozen_dense: bool = False,
     embeddings: bool = False,
+    remat: Any = None,
 ) -> Llama:
     """A :class:`Llama` holding the weights of a Hugging Face ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` checkpoint.
 
@@ -243,6 +244,7 @@ def load_hf_weights(
         plan: with `quantize`, the ``jaxlora.Plan`` or ``LoraConfig`` whose adapted kernels are quantized
             (for the scanned layout, a config with ``stacked_axes=llama.STACKED_AXES``).
         block_size, frozen_dense, embeddings: as for ``quantization.quantize``.
+        remat: the model's rematerialisation policy (see :class:`Llama`), None for none.
 
     Returns:
         The model, in the requested layout and dtype; with `quantize`, its chosen kernels are ``qwix.QArray``
@@ -268,7 +270,9 @@ def load_hf_weights(
     if "model.embed_tokens.weight" not in handles:
         raise ValueError(f"{source} is no Llama-family checkpoint: it has no 'model.embed_tokens.weight'.")
     dtype = jnp.dtype(_checkpoint_dtype(handles) if dtype is None else dtype)
-    abstract = nnx.eval_shape(lambda: Llama(config, scan_layers=scan_layers, dtype=dtype, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(
+        lambda: Llama(config, scan_layers=scan_layers, dtype=dtype, remat=remat, rngs=nnx.Rngs(0))
+    )
     graphdef, state = nnx.split(abstract)
     shapes = {path: tuple(leaf.shape) for path, leaf in leaves_with_paths(state)}
     per_path = {path: _unrolled_paths(path, scan_layers, config.num_hidden_layers) for path in shapes}
