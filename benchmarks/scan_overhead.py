@@ -6,9 +6,9 @@ program's temporary bytes, deterministic (no timing, so the machine's load does 
 
 * ``lora``: loss and gradients of r16 LoRA on every block linear (``jaxlora.apply``), the step the benchmarks time;
 * ``full``: loss and gradients of every block weight through the plain model (no jaxlora at all);
-* ``lora_remat_dots``: ``lora`` with the scanned block under ``nn.remat`` saving only the matmuls
-  (``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``), built here by wrapping the model's scanned
-  block (not a model option), with its median step time over 3 steps beside the plain scanned step's.
+* ``lora_remat_dots``: ``lora`` on the model built with ``GPT2Config(remat="dots_with_no_batch_dims_saveable")``
+  (each scanned block rematerialised, saving only the matmuls), with its median step time over 3 steps beside the
+  plain scanned step's.
 
     python benchmarks/scan_overhead.py     # writes results/scan_overhead.json
 """
@@ -88,24 +88,17 @@ def measure(scan: bool) -> dict:
 
 
 def measure_remat() -> dict:
-    import flax.linen as nn
+    """The scanned LoRA step with `GPT2Config(remat="dots_with_no_batch_dims_saveable")`: only the projections'
+    outputs kept, the element-wise work recomputed in the backward pass."""
+    import dataclasses
+
     import jax
     import optax
 
     import jaxlora
-    import jaxlora.models.gpt2.model as gpt2_model
 
-    policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-
-    def blocks(cfg, x, mask, deterministic):
-        scanned = nn.scan(
-            nn.remat(gpt2_model._ScannedBlock, policy=policy, prevent_cse=False), variable_axes={"params": 0},
-            split_rngs={"params": True, "dropout": True}, in_axes=nn.broadcast, length=cfg.n_layer,
-        )  # fmt: skip
-        return scanned(cfg, deterministic, name="h")(x, mask)[0]
-
-    gpt2_model._blocks = blocks
     model, params, adapters, plan, x, y = _setup(True)
+    model = model.clone(config=dataclasses.replace(model.config, remat="dots_with_no_batch_dims_saveable"))
 
     def lora_loss(adapters, params, x, y):
         logits = jaxlora.apply(model, {"params": params}, adapters, plan, x)
