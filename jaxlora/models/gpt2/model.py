@@ -119,9 +119,9 @@ def _cached_blocks(
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """The blocks reading and writing `cache`; returns the hidden states and the new (keys, values) stacks."""
     if not cfg.scan_layers:
-        keys, values = [], []
+        keys, values, block = [], [], _rematted(Block, cfg)
         for i in range(cfg.n_layer):
-            x, (k, v) = _rematted(Block, cfg)(cfg, name=f"h_{i}")(
+            x, (k, v) = block(cfg, name=f"h_{i}")(
                 x, mask, deterministic, (cache.keys[i], cache.values[i], cache.lengths)
             )
             keys.append(k)
@@ -140,8 +140,9 @@ def _cached_blocks(
 def _blocks(cfg: GPT2Config, x: jax.Array, mask: jax.Array, deterministic: bool) -> jax.Array:
     """The n_layer blocks: h_0, h_1, ... or, with `scan_layers`, one nn.scan over stacked params under "h"."""
     if not cfg.scan_layers:
+        block = _rematted(Block, cfg)
         for i in range(cfg.n_layer):
-            x = _rematted(Block, cfg)(cfg, name=f"h_{i}")(x, mask, deterministic)
+            x = block(cfg, name=f"h_{i}")(x, mask, deterministic)
         return x
     scanned = nn.scan(
         _rematted(_ScannedBlock, cfg),
